@@ -1,0 +1,787 @@
+//! The site configuration, `/etc/slurm/ml-container.toml` (SPEC "Site config").
+//!
+//! Sources, in order of precedence (USERS.md #5: one documented source per
+//! setting): built-in defaults, then the file, then `key=value` arguments on
+//! the plugstack line (`runtime.gpus=off`). A missing file means defaults; a
+//! malformed one is an error naming the file, the line and the key.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Where the site config lives unless `config=PATH` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/slurm/ml-container.toml";
+/// A config larger than this is certainly not a config.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuPolicy {
+    /// `--nv` when the step was given GPUs.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl fmt::Display for GpuPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GpuPolicy::Auto => "auto",
+            GpuPolicy::On => "on",
+            GpuPolicy::Off => "off",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyLevel {
+    /// Size and SIF structure.
+    #[default]
+    Quick,
+    /// sha256, cached per node.
+    Full,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    #[default]
+    Apptainer,
+    Singularity,
+    Charliecloud,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AddrKind {
+    /// MASTER_ADDR is the first host name of the step.
+    #[default]
+    Hostname,
+    /// MASTER_ADDR is that host's IP address.
+    Ip,
+}
+
+/// An absolute path; relative paths in a root-read config are a trap.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AbsPath(pub PathBuf);
+
+impl AbsPath {
+    pub fn as_path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for AbsPath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.starts_with('/') {
+            Ok(AbsPath(PathBuf::from(s)))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "'{s}' is not an absolute path (it must start with /)"
+            )))
+        }
+    }
+}
+
+impl Serialize for AbsPath {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0.to_string_lossy())
+    }
+}
+
+/// `[lo, hi]`, both inclusive, inside the unprivileged port range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = <[u16; 2]>::deserialize(d)?;
+        if v[0] < 1024 || v[0] > v[1] {
+            return Err(serde::de::Error::custom(format!(
+                "[{}, {}] is not a port range: write [LOW, HIGH] with 1024 <= LOW <= HIGH <= 65535",
+                v[0], v[1]
+            )));
+        }
+        Ok(PortRange { lo: v[0], hi: v[1] })
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        [self.lo, self.hi].serialize(s)
+    }
+}
+
+/// An environment variable name, `[A-Za-z_][A-Za-z0-9_]*`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct EnvName(pub String);
+
+impl<'de> Deserialize<'de> for EnvName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let mut chars = s.chars();
+        let ok = matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
+            && chars.all(|c| c == '_' || c.is_ascii_alphanumeric());
+        if ok {
+            Ok(EnvName(s))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "'{s}' is not a valid environment variable name"
+            )))
+        }
+    }
+}
+
+/// A variable's value: TOML strings, integers and booleans are all accepted
+/// (`NCCL_IB_DISABLE = 1` is what admins write).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct EnvValue(pub String);
+
+impl<'de> Deserialize<'de> for EnvValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Scalar {
+            S(String),
+            I(i64),
+            B(bool),
+        }
+        match Scalar::deserialize(d) {
+            Ok(Scalar::S(s)) if s.contains('\0') => Err(serde::de::Error::custom(
+                "a value may not contain a NUL character",
+            )),
+            Ok(Scalar::S(s)) => Ok(EnvValue(s)),
+            Ok(Scalar::I(i)) => Ok(EnvValue(i.to_string())),
+            Ok(Scalar::B(b)) => Ok(EnvValue(if b { "1" } else { "0" }.to_string())),
+            Err(_) => Err(serde::de::Error::custom(
+                "expected a string, an integer or a boolean",
+            )),
+        }
+    }
+}
+
+pub type EnvMap = BTreeMap<EnvName, EnvValue>;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// The registry root (seed 001 layout).
+    pub root: AbsPath,
+    /// Directories under the root scanned for `<name>.sif`.
+    pub search_dirs: Vec<String>,
+    /// Directories an absolute image path may point into; empty: the root.
+    pub allowed_dirs: Vec<AbsPath>,
+    pub verify: VerifyLevel,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            root: AbsPath(PathBuf::from("/opt/containers")),
+            search_dirs: ["ml-frameworks", "custom-images", "base-images"]
+                .map(String::from)
+                .to_vec(),
+            allowed_dirs: Vec::new(),
+            verify: VerifyLevel::Quick,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    pub kind: RuntimeKind,
+    /// The runtime binary; unset: looked up in PATH by kind.
+    pub path: Option<AbsPath>,
+    pub gpus: GpuPolicy,
+    /// Default binds, `SRC[:DST[:ro|rw]]` (seed 002: data, work, models).
+    pub binds: Vec<String>,
+    /// Paths users may not bind onto or from.
+    pub denied_binds: Vec<AbsPath>,
+    /// Extra arguments passed to `<runtime> exec`.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            kind: RuntimeKind::Apptainer,
+            path: None,
+            gpus: GpuPolicy::Auto,
+            binds: [
+                "/shared/data:/data",
+                "/shared/work:/work",
+                "/shared/models:/models",
+            ]
+            .map(String::from)
+            .to_vec(),
+            denied_binds: ["/", "/etc", "/proc", "/sys", "/dev", "/boot", "/run"]
+                .map(|p| AbsPath(PathBuf::from(p)))
+                .to_vec(),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedConfig {
+    pub enabled: bool,
+    pub port_range: PortRange,
+    pub addr: AddrKind,
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        DistributedConfig {
+            enabled: true,
+            port_range: PortRange {
+                lo: 29500,
+                hi: 30499,
+            },
+            addr: AddrKind::Hostname,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailureConfig {
+    pub report_dir: AbsPath,
+    pub metrics_log: AbsPath,
+    pub syslog: bool,
+    /// Seconds each node probe (nvidia-smi, master reachability) may take.
+    pub probe_timeout: u32,
+}
+
+impl Default for FailureConfig {
+    fn default() -> Self {
+        FailureConfig {
+            report_dir: AbsPath(PathBuf::from("/var/log/slurm/debug")),
+            metrics_log: AbsPath(PathBuf::from("/var/log/slurm/job_metrics.log")),
+            syslog: true,
+            probe_timeout: 5,
+        }
+    }
+}
+
+/// The whole site configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SiteConfig {
+    pub registry: RegistryConfig,
+    pub runtime: RuntimeConfig,
+    pub distributed: DistributedConfig,
+    pub nccl: EnvMap,
+    pub env: EnvMap,
+    pub failure: FailureConfig,
+}
+
+/// Why the configuration could not be used. `Display` is one line.
+#[derive(Debug)]
+pub enum ConfigError {
+    Read {
+        path: PathBuf,
+        source: io::Error,
+    },
+    TooLarge {
+        path: PathBuf,
+        size: u64,
+    },
+    Parse {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
+    Argument {
+        arg: String,
+        message: String,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Read { path, source } => {
+                write!(f, "cannot read {}: {source}", path.display())
+            }
+            ConfigError::TooLarge { path, size } => write!(
+                f,
+                "{}: {size} bytes is too large for a config (limit {MAX_CONFIG_BYTES})",
+                path.display()
+            ),
+            ConfigError::Parse {
+                path,
+                line,
+                key,
+                message,
+            } => {
+                write!(f, "{}:{line}: ", path.display())?;
+                if !key.is_empty() {
+                    write!(f, "key '{key}': ")?;
+                }
+                write!(
+                    f,
+                    "{message}; fix the file (or remove it to use the defaults)"
+                )
+            }
+            ConfigError::Argument { arg, message } => write!(
+                f,
+                "plugstack argument '{arg}': {message}; fix the ml-container line in plugstack.conf"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The arguments of the plugin's plugstack.conf line.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlugstackArgs {
+    pub config_path: Option<PathBuf>,
+    /// `section.key` and the raw value, in the order given.
+    pub overrides: Vec<(String, String)>,
+}
+
+impl PlugstackArgs {
+    pub fn parse<S: AsRef<str>>(args: &[S]) -> Result<PlugstackArgs, ConfigError> {
+        let mut out = PlugstackArgs::default();
+        for arg in args {
+            let arg = arg.as_ref();
+            let Some((key, value)) = arg.split_once('=') else {
+                return Err(ConfigError::Argument {
+                    arg: arg.to_string(),
+                    message: "expected config=PATH or section.key=value".to_string(),
+                });
+            };
+            if key == "config" {
+                if !value.starts_with('/') {
+                    return Err(ConfigError::Argument {
+                        arg: arg.to_string(),
+                        message: "the config path must be absolute".to_string(),
+                    });
+                }
+                out.config_path = Some(PathBuf::from(value));
+            } else {
+                out.overrides.push((key.to_string(), value.to_string()));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.config_path
+            .as_deref()
+            .unwrap_or(Path::new(DEFAULT_CONFIG_PATH))
+    }
+}
+
+impl SiteConfig {
+    /// Loads the file named by the plugstack arguments (or the default path)
+    /// and applies the overrides. A missing file gives the defaults.
+    pub fn load(args: &PlugstackArgs) -> Result<SiteConfig, ConfigError> {
+        let path = args.path();
+        let text = match read_limited(path) {
+            Ok(t) => Some(t),
+            Err(ConfigError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let config = match text {
+            Some(t) => SiteConfig::parse(path, &t)?,
+            None => SiteConfig::default(),
+        };
+        config.with_overrides(&args.overrides)
+    }
+
+    /// Parses config text; `path` is only used in messages.
+    pub fn parse(path: &Path, text: &str) -> Result<SiteConfig, ConfigError> {
+        let cfg: SiteConfig = toml::from_str(text).map_err(|e| {
+            let (line, key) = match e.span() {
+                Some(span) => locate(text, span.start),
+                None => (1, String::new()),
+            };
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                key,
+                message: one_line(e.message()),
+            }
+        })?;
+        cfg.check_nccl().map_err(|(name, message)| {
+            let line = find_key_line(text, "nccl", &name).unwrap_or(1);
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                key: format!("nccl.{name}"),
+                message,
+            }
+        })?;
+        Ok(cfg)
+    }
+
+    /// Applies `section.key=value` overrides. Values are read as TOML when
+    /// they parse as such (`29500`, `true`, `["a"]`), else as plain strings.
+    pub fn with_overrides(self, overrides: &[(String, String)]) -> Result<SiteConfig, ConfigError> {
+        if overrides.is_empty() {
+            return Ok(self);
+        }
+        let arg_err = |k: &str, v: &str, message: String| ConfigError::Argument {
+            arg: format!("{k}={v}"),
+            message,
+        };
+        let mut root =
+            toml::Value::try_from(&self).map_err(|e| arg_err("", "", format!("internal: {e}")))?;
+        for (key, value) in overrides {
+            let Some((section, name)) = key.split_once('.') else {
+                return Err(arg_err(
+                    key,
+                    value,
+                    "name a key as section.key, e.g. runtime.gpus=off".to_string(),
+                ));
+            };
+            let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(value.clone()));
+            let Some(table) = root.get_mut(section).and_then(toml::Value::as_table_mut) else {
+                return Err(arg_err(key, value, format!("unknown section '{section}'")));
+            };
+            table.insert(name.to_string(), parsed);
+            // Check each override alone so the error names the right one.
+            root.clone()
+                .try_into::<SiteConfig>()
+                .map_err(|e| arg_err(key, value, one_line(e.message())))?;
+        }
+        let cfg: SiteConfig = root
+            .try_into()
+            .map_err(|e: toml::de::Error| arg_err("", "", one_line(e.message())))?;
+        cfg.check_nccl()
+            .map_err(|(name, message)| arg_err(&format!("nccl.{name}"), "", message))?;
+        Ok(cfg)
+    }
+
+    fn check_nccl(&self) -> Result<(), (String, String)> {
+        match self.nccl.keys().find(|k| !k.0.starts_with("NCCL_")) {
+            Some(k) => Err((
+                k.0.clone(),
+                format!(
+                    "'{}' does not start with NCCL_: put other variables under [env]",
+                    k.0
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Directories an absolute image path may point into.
+    pub fn allowed_image_dirs(&self) -> Vec<&Path> {
+        if self.registry.allowed_dirs.is_empty() {
+            vec![self.registry.root.as_path()]
+        } else {
+            self.registry
+                .allowed_dirs
+                .iter()
+                .map(AbsPath::as_path)
+                .collect()
+        }
+    }
+}
+
+fn read_limited(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    let read_err = |source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let size = file.metadata().map_err(read_err)?.len();
+    if size > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge {
+            path: path.to_path_buf(),
+            size,
+        });
+    }
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES)
+        .read_to_string(&mut text)
+        .map_err(read_err)?;
+    Ok(text)
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The 1-based line of byte `offset` and the dotted key written there
+/// (`section.key`), found from the text around it.
+fn locate(text: &str, offset: usize) -> (usize, String) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or("");
+    let line_no = before.matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    let section = text
+        .lines()
+        .take(line_no)
+        .filter_map(section_name)
+        .last()
+        .unwrap_or_default();
+    let key = match line.split_once('=') {
+        _ if section_name(line).is_some() => section.clone(),
+        Some((k, _)) => {
+            let k = k.trim().trim_matches('"');
+            if section.is_empty() {
+                k.to_string()
+            } else {
+                format!("{section}.{k}")
+            }
+        }
+        None => section.clone(),
+    };
+    (line_no, key)
+}
+
+fn section_name(line: &str) -> Option<String> {
+    let l = line.trim();
+    if l.starts_with('[') {
+        let inner = l.trim_start_matches('[');
+        let end = inner.find(']')?;
+        Some(inner[..end].trim().to_string())
+    } else {
+        None
+    }
+}
+
+fn find_key_line(text: &str, section: &str, key: &str) -> Option<usize> {
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        if let Some(s) = section_name(line) {
+            current = s;
+        } else if current == section {
+            if let Some((k, _)) = line.split_once('=') {
+                if k.trim().trim_matches('"') == key {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<SiteConfig, ConfigError> {
+        SiteConfig::parse(Path::new("/etc/slurm/ml-container.toml"), text)
+    }
+
+    #[test]
+    fn empty_file_is_defaults() {
+        assert_eq!(parse("").unwrap(), SiteConfig::default());
+    }
+
+    #[test]
+    fn full_file() {
+        let cfg = parse(
+            r#"
+[registry]
+root = "/srv/containers"
+verify = "full"
+allowed_dirs = ["/scratch/images"]
+
+[runtime]
+kind = "singularity"
+gpus = "off"
+binds = ["/lustre/data:/data:ro"]
+
+[distributed]
+port_range = [40000, 40099]
+addr = "ip"
+
+[nccl]
+NCCL_DEBUG = "WARN"
+NCCL_IB_DISABLE = 1
+
+[env]
+OMP_NUM_THREADS = 4
+
+[failure]
+syslog = false
+probe_timeout = 2
+"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.registry.root.as_path(), Path::new("/srv/containers"));
+        assert_eq!(cfg.registry.verify, VerifyLevel::Full);
+        assert_eq!(cfg.runtime.kind, RuntimeKind::Singularity);
+        assert_eq!(cfg.runtime.gpus, GpuPolicy::Off);
+        assert_eq!(
+            cfg.distributed.port_range,
+            PortRange {
+                lo: 40000,
+                hi: 40099
+            }
+        );
+        assert_eq!(cfg.distributed.addr, AddrKind::Ip);
+        assert_eq!(
+            cfg.nccl.get(&EnvName("NCCL_IB_DISABLE".into())),
+            Some(&EnvValue("1".into()))
+        );
+        assert_eq!(
+            cfg.env.get(&EnvName("OMP_NUM_THREADS".into())),
+            Some(&EnvValue("4".into()))
+        );
+        assert!(!cfg.failure.syslog);
+        assert_eq!(cfg.allowed_image_dirs(), vec![Path::new("/scratch/images")]);
+    }
+
+    fn parse_err(text: &str) -> (usize, String, String) {
+        match parse(text) {
+            Err(ConfigError::Parse {
+                line, key, message, ..
+            }) => (line, key, message),
+            other => panic!("expected a parse error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_value_names_line_and_key() {
+        let (line, key, msg) =
+            parse_err("[registry]\nroot = \"/x\"\n\n[runtime]\ngpus = \"maybe\"\n");
+        assert_eq!(line, 5);
+        assert_eq!(key, "runtime.gpus");
+        assert!(msg.contains("maybe"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_key_named() {
+        let (line, key, msg) = parse_err("[runtime]\nkind = \"apptainer\"\ngpu = \"on\"\n");
+        assert_eq!(line, 3);
+        assert_eq!(key, "runtime.gpu");
+        assert!(msg.contains("unknown field"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_section_named() {
+        let (line, key, _) = parse_err("[registry]\n\n[runtimes]\nkind = \"x\"\n");
+        assert_eq!(line, 3);
+        assert_eq!(key, "runtimes");
+    }
+
+    #[test]
+    fn syntax_error_has_line() {
+        let (line, _, _) = parse_err("[registry]\nroot = \"/x\"\nverify = \n");
+        assert_eq!(line, 3);
+    }
+
+    #[test]
+    fn semantic_checks() {
+        let (line, key, _) = parse_err("[registry]\nroot = \"relative\"\n");
+        assert_eq!((line, key.as_str()), (2, "registry.root"));
+        let (line, key, _) = parse_err("[distributed]\nport_range = [30000, 20000]\n");
+        assert_eq!((line, key.as_str()), (2, "distributed.port_range"));
+        let (_, key, _) = parse_err("[distributed]\nport_range = [80, 90]\n");
+        assert_eq!(key, "distributed.port_range");
+        let (line, key, _) = parse_err("[nccl]\nNCCL_A = \"1\"\nFOO = \"2\"\n");
+        assert_eq!((line, key.as_str()), (3, "nccl.FOO"));
+        let (_, key, _) = parse_err("[env]\n\"1BAD\" = \"x\"\n");
+        assert_eq!(key, "env.1BAD");
+        let (_, key, _) = parse_err("[env]\nX = [1]\n");
+        assert_eq!(key, "env.X");
+    }
+
+    #[test]
+    fn display_is_one_line_with_file_line_key() {
+        let e = parse("[runtime]\ngpus = 3\n").unwrap_err().to_string();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(
+            e.starts_with("/etc/slurm/ml-container.toml:2: key 'runtime.gpus'"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn plugstack_args() {
+        let a = PlugstackArgs::parse(&["config=/tmp/x.toml", "runtime.gpus=off"]).unwrap();
+        assert_eq!(a.path(), Path::new("/tmp/x.toml"));
+        assert_eq!(a.overrides, vec![("runtime.gpus".into(), "off".into())]);
+        assert!(PlugstackArgs::parse(&["bogus"]).is_err());
+        assert!(PlugstackArgs::parse(&["config=rel.toml"]).is_err());
+        assert_eq!(
+            PlugstackArgs::parse::<&str>(&[]).unwrap().path(),
+            Path::new(DEFAULT_CONFIG_PATH)
+        );
+    }
+
+    #[test]
+    fn overrides_apply_and_fail_clearly() {
+        let cfg = SiteConfig::default()
+            .with_overrides(&[
+                ("runtime.gpus".into(), "off".into()),
+                ("distributed.port_range".into(), "[40000, 40010]".into()),
+                ("registry.root".into(), "/srv/c".into()),
+                ("nccl.NCCL_DEBUG".into(), "INFO".into()),
+            ])
+            .unwrap();
+        assert_eq!(cfg.runtime.gpus, GpuPolicy::Off);
+        assert_eq!(cfg.distributed.port_range.lo, 40000);
+        assert_eq!(cfg.registry.root.as_path(), Path::new("/srv/c"));
+        for (k, v) in [
+            ("runtime.gpus", "maybe"),
+            ("runtime.nope", "1"),
+            ("nosection.x", "1"),
+            ("flat", "1"),
+            ("nccl.FOO", "1"),
+        ] {
+            let e = SiteConfig::default()
+                .with_overrides(&[(k.into(), v.into())])
+                .unwrap_err();
+            assert!(matches!(e, ConfigError::Argument { .. }), "{k}: {e}");
+            assert!(
+                e.to_string()
+                    .contains(k.split('.').next_back().unwrap_or(k)),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn load_missing_file_is_default() {
+        let args = PlugstackArgs {
+            config_path: Some(PathBuf::from("/nonexistent/ml-container.toml")),
+            overrides: vec![],
+        };
+        assert_eq!(SiteConfig::load(&args).unwrap(), SiteConfig::default());
+    }
+
+    #[test]
+    fn hostile_inputs_do_not_panic() {
+        for text in [
+            "[",
+            "[[registry]]",
+            "registry = 1",
+            "\u{0}",
+            "[registry]\nroot = \"\\u0000\"",
+            "[a.b.c.d]\n",
+            "x = \"\n",
+            "[runtime]\nbinds = [[[]]]",
+        ] {
+            let _ = parse(text);
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! slurm-ml-container: containerized distributed training on Slurm.
+//!
+//! Data flows srun option -> resolved image -> per-task plan -> argv/env ->
+//! report. The crate is three things at once:
+//! - the SPANK plugin (this crate built as a cdylib, installed as
+//!   `spank_ml_container.so`); its C boundary is [`spank`], the only module
+//!   with `unsafe`;
+//! - the support library: the pure modules below, shared with
+//! - the admin CLI, `ml-container` (src/bin).
+
+pub mod config;
+pub mod options;
+pub mod plugin;
+pub mod spank;

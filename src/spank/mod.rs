@@ -1,0 +1,163 @@
+//! The SPANK boundary: the only code in the crate that uses `unsafe`.
+//!
+//! Three parts: the raw bindings bindgen made from `slurm/spank.h` (private),
+//! [`SpankHost`], the safe [`Host`] implementation over a `spank_t`, and
+//! `export`, the symbols Slurm looks up in the plugin (spank(8)). Everything
+//! above this layer is safe Rust and is tested without Slurm.
+
+mod export;
+mod logger;
+
+use std::ffi::{c_char, c_int, CStr, CString};
+
+use crate::options::OptionSpec;
+use crate::plugin::{Context, Host, HostError};
+
+#[allow(
+    non_upper_case_globals,
+    non_camel_case_types,
+    non_snake_case,
+    dead_code,
+    clippy::all,
+    clippy::undocumented_unsafe_blocks
+)]
+mod sys {
+    include!(concat!(env!("OUT_DIR"), "/spank_bindings.rs"));
+}
+
+pub use logger::init as init_logger;
+
+/// The Slurm release the plugin was built against (from slurm_version.h).
+pub const BUILT_FOR_SLURM: &str = env!("MLC_SLURM_VERSION");
+
+/// A SPANK handle for the duration of one callback. Slurm owns the handle;
+/// it is valid until the callback returns, and `SpankHost` does not outlive it.
+#[derive(Debug)]
+pub struct SpankHost {
+    sp: sys::spank_t,
+}
+
+/// The largest environment value read back from the job (spank_getenv needs
+/// a caller-sized buffer).
+const MAX_ENV_VALUE: usize = 1 << 20;
+
+impl SpankHost {
+    fn new(sp: sys::spank_t) -> SpankHost {
+        SpankHost { sp }
+    }
+
+    fn item_u32(&self, item: sys::spank_item_t) -> Option<u32> {
+        let mut v: u32 = 0;
+        // SAFETY: for the u32 items used here (S_JOB_ID, S_JOB_STEPID,
+        // S_JOB_NODEID) spank.h documents one `uint32_t *` argument; `v`
+        // lives across the call and the handle is the callback's own.
+        let rc = unsafe { sys::spank_get_item(self.sp, item, &mut v as *mut u32) };
+        (rc == sys::ESPANK_SUCCESS).then_some(v)
+    }
+}
+
+fn to_cstring(s: &str) -> Result<CString, HostError> {
+    CString::new(s).map_err(|_| HostError::Nul(s.to_string()))
+}
+
+impl Host for SpankHost {
+    fn context(&self) -> Context {
+        // SAFETY: spank_context() takes no arguments and only reads Slurm's
+        // global state; callable from any callback (spank.h).
+        let ctx = unsafe { sys::spank_context() };
+        match ctx {
+            sys::S_CTX_LOCAL => Context::Local,
+            sys::S_CTX_REMOTE => Context::Remote,
+            sys::S_CTX_ALLOCATOR => Context::Allocator,
+            sys::S_CTX_SLURMD => Context::Slurmd,
+            sys::S_CTX_JOB_SCRIPT => Context::JobScript,
+            _ => Context::Error,
+        }
+    }
+
+    fn getenv(&self, name: &str) -> Option<String> {
+        if self.context() != Context::Remote {
+            // spank_getenv() is remote-only (ESPANK_NOT_REMOTE); in srun,
+            // sbatch and salloc the job environment is the process's own.
+            return std::env::var(name).ok();
+        }
+        let cname = to_cstring(name).ok()?;
+        let mut len = 4096usize;
+        while len <= MAX_ENV_VALUE {
+            let mut buf = vec![0u8; len];
+            // SAFETY: `buf` is writable for `len` bytes (len fits c_int, at
+            // most MAX_ENV_VALUE); spank_getenv NUL-terminates what it
+            // writes, and `cname` is a valid C string for the call.
+            let rc = unsafe {
+                sys::spank_getenv(
+                    self.sp,
+                    cname.as_ptr(),
+                    buf.as_mut_ptr().cast::<c_char>(),
+                    len as c_int,
+                )
+            };
+            match rc {
+                sys::ESPANK_SUCCESS => {
+                    let value = CStr::from_bytes_until_nul(&buf).ok()?;
+                    return Some(value.to_string_lossy().into_owned());
+                }
+                sys::ESPANK_NOSPACE => len *= 4,
+                _ => return None,
+            }
+        }
+        None
+    }
+
+    fn job_id(&self) -> Option<u32> {
+        self.item_u32(sys::S_JOB_ID)
+    }
+
+    fn step_id(&self) -> Option<u32> {
+        self.item_u32(sys::S_JOB_STEPID)
+    }
+
+    fn node_id(&self) -> Option<u32> {
+        self.item_u32(sys::S_JOB_NODEID)
+    }
+
+    fn register_option(&mut self, spec: &OptionSpec) -> Result<(), HostError> {
+        let name = to_cstring(spec.name)?;
+        let usage = to_cstring(spec.usage)?;
+        let arginfo = spec.arginfo.map(to_cstring).transpose()?;
+        let mut opt = sys::spank_option {
+            name: name.as_ptr().cast_mut(),
+            arginfo: arginfo
+                .as_ref()
+                .map_or(std::ptr::null_mut(), |a| a.as_ptr().cast_mut()),
+            usage: usage.as_ptr().cast_mut(),
+            has_arg: c_int::from(spec.arginfo.is_some()),
+            val: spec.id as c_int,
+            cb: Some(export::option_callback),
+        };
+        // SAFETY: every pointer in `opt` is valid for the call; Slurm copies
+        // the struct and its strings (_spank_option_copy in plugstack.c), so
+        // they need not outlive it. The handle is the callback's own.
+        let rc = unsafe { sys::spank_option_register(self.sp, &mut opt) };
+        if rc == sys::ESPANK_SUCCESS {
+            Ok(())
+        } else {
+            Err(HostError::Spank {
+                call: "spank_option_register",
+                what: spec.name.to_string(),
+                code: rc,
+                message: strerror(rc),
+            })
+        }
+    }
+}
+
+fn strerror(rc: sys::spank_err_t) -> String {
+    // SAFETY: spank_strerror returns a pointer to a static string (or NULL),
+    // never freed by the caller.
+    let p = unsafe { sys::spank_strerror(rc) };
+    if p.is_null() {
+        return format!("error {rc}");
+    }
+    // SAFETY: non-NULL, NUL-terminated, static (see above).
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}

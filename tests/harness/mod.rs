@@ -1,0 +1,503 @@
+//! The real-cluster test harness (issue 2, shared/PLATFORM.md).
+//!
+//! `Cluster::start` builds the plugin against the chosen Slurm's headers
+//! (once per test process), then runs `tests/cluster/cluster.sh` as pid 1 of
+//! a new pid and mount namespace. That script overlays a throwaway tmpfs on
+//! the Slurm root (the cached Debian trixie root for 24.11, the host for
+//! 22.05), gives each node its own network and UTS namespace, starts munged,
+//! slurmctld and one slurmd per node, and prints READY. Commands then run
+//! inside a node by `nsenter` into that node's anchor process, as the
+//! unprivileged user `mluser` or as root. Dropping the `Cluster` closes the
+//! script's stdin; it exits and the kernel kills every daemon of its pid
+//! namespace, so nothing outlives the test. A failing test prints the
+//! slurmctld and slurmd logs.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+pub const USER: &str = "mluser";
+pub const USER_ID: &str = "1500";
+pub const HOME: &str = "/home/mluser";
+const PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin";
+
+/// Which Slurm a cluster runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Slurm {
+    /// Debian 12's Slurm, installed on the host (no Apptainer).
+    V22_05,
+    /// Debian 13's Slurm with Apptainer 1.4.5, in the cached trixie root.
+    V24_11,
+}
+
+impl Slurm {
+    pub fn name(self) -> &'static str {
+        match self {
+            Slurm::V22_05 => "22.05",
+            Slurm::V24_11 => "24.11",
+        }
+    }
+
+    /// The directory overlaid as the cluster's root.
+    pub fn lower(self) -> PathBuf {
+        match self {
+            Slurm::V22_05 => PathBuf::from("/"),
+            Slurm::V24_11 => trixie_root().clone(),
+        }
+    }
+
+    fn include_dir(self) -> PathBuf {
+        match self {
+            Slurm::V22_05 => PathBuf::from("/usr/include"),
+            Slurm::V24_11 => {
+                // Only the slurm/ headers of the root: its libc headers
+                // must not shadow the host's for bindgen.
+                let dir = target_dir().join("include-24.11");
+                fs::create_dir_all(&dir).expect("create include dir");
+                let link = dir.join("slurm");
+                let _ = fs::remove_file(&link);
+                std::os::unix::fs::symlink(trixie_root().join("usr/include/slurm"), &link)
+                    .expect("symlink slurm headers");
+                dir
+            }
+        }
+    }
+}
+
+fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn target_dir() -> PathBuf {
+    manifest_dir().join("target").join("cluster")
+}
+
+fn trixie_root() -> &'static PathBuf {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(manifest_dir().join("tests/cluster/rootfs.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run tests/cluster/rootfs.sh");
+        assert!(out.status.success(), "building the trixie root failed");
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+}
+
+/// The plugin built against `slurm`'s headers, optionally with the
+/// test-only fault-injection feature. Built once per test process.
+pub fn plugin(slurm: Slurm, fault_injection: bool) -> PathBuf {
+    static BUILT: Mutex<Option<HashMap<(Slurm, bool), PathBuf>>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(PoisonError::into_inner);
+    let map = built.get_or_insert_with(HashMap::new);
+    if let Some(p) = map.get(&(slurm, fault_injection)) {
+        return p.clone();
+    }
+    let dir = target_dir().join(slurm.name());
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(manifest_dir())
+        .args(["build", "--lib", "--target-dir"])
+        .arg(&dir)
+        .env("SLURM_INCLUDE_DIR", slurm.include_dir());
+    if fault_injection {
+        cmd.args(["--features", "fault-injection"]);
+    }
+    let status = cmd.status().expect("run cargo build");
+    assert!(
+        status.success(),
+        "building the plugin for Slurm {} failed",
+        slurm.name()
+    );
+    let out = dir.join(format!(
+        "spank_ml_container{}.so",
+        if fault_injection { "-fi" } else { "" }
+    ));
+    fs::copy(dir.join("debug/libslurm_ml_container.so"), &out).expect("copy plugin");
+    map.insert((slurm, fault_injection), out.clone());
+    out
+}
+
+/// One command's result, with helpers that print everything on failure.
+#[derive(Debug)]
+pub struct Run {
+    pub argv: Vec<String>,
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from_output(argv: Vec<String>, out: Output) -> Run {
+        use std::os::unix::process::ExitStatusExt;
+        Run {
+            argv,
+            code: out.status.code(),
+            signal: out.status.signal(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    pub fn ok(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    #[track_caller]
+    pub fn assert_ok(&self) -> &Run {
+        assert!(self.ok(), "command failed: {self}");
+        self
+    }
+
+    #[track_caller]
+    pub fn assert_failed(&self) -> &Run {
+        assert!(
+            !self.ok(),
+            "command succeeded but should have failed: {self}"
+        );
+        self
+    }
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:?}\n  exit code {:?}, signal {:?}\n  stdout:\n{}\n  stderr:\n{}",
+            self.argv, self.code, self.signal, self.stdout, self.stderr
+        )
+    }
+}
+
+/// What a test wants in its cluster.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub nodes: usize,
+    pub fault_injection: bool,
+    /// Files placed into the root before the daemons start: (path, content).
+    pub files: Vec<(String, String)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            nodes: 2,
+            fault_injection: false,
+            files: Vec::new(),
+        }
+    }
+}
+
+/// Clusters run one at a time: the machine has two cores.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+pub struct Cluster {
+    pub slurm: Slurm,
+    pub nodes: usize,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    pid1: u32,
+    anchors: Vec<u32>,
+    scratch: PathBuf,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl Cluster {
+    pub fn start(slurm: Slurm) -> Cluster {
+        Cluster::start_with(slurm, Options::default())
+    }
+
+    pub fn start_with(slurm: Slurm, opts: Options) -> Cluster {
+        assert!(
+            running_as_root(),
+            "the cluster tests need root (namespaces, mounts); run them as root"
+        );
+        let plugin = plugin(slurm, opts.fault_injection);
+        let lower = slurm.lower();
+        let serial = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
+
+        let scratch = tempdir("mlc-test");
+        let stage = scratch.join("stage");
+        let snippet = fs::read_to_string(manifest_dir().join("plugstack/ml-container.conf"))
+            .expect("read plugstack/ml-container.conf");
+        let mut files = vec![(
+            "/etc/slurm/plugstack.conf.d/ml-container.conf".to_string(),
+            snippet,
+        )];
+        files.extend(opts.files.iter().cloned());
+        for (path, content) in &files {
+            let dest = stage.join(path.trim_start_matches('/'));
+            fs::create_dir_all(dest.parent().expect("parent")).expect("stage dir");
+            fs::write(&dest, content).expect("stage file");
+        }
+        let log_path = scratch.join("cluster.log");
+        let mut child = Command::new("unshare")
+            .args(["--mount", "--pid", "--fork", "--kill-child", "--", "bash"])
+            .arg(manifest_dir().join("tests/cluster/cluster.sh"))
+            .arg(&lower)
+            .arg(opts.nodes.to_string())
+            .arg(&plugin)
+            .arg(&stage)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(&log_path).expect("cluster log"))
+            .spawn()
+            .expect("start unshare");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let ready = rx.recv_timeout(Duration::from_secs(90));
+        if ready.as_deref() != Ok("READY") {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "cluster (Slurm {}) did not start: {ready:?}\n{}",
+                slurm.name(),
+                fs::read_to_string(&log_path).unwrap_or_default()
+            );
+        }
+        let pid1 = first_child(child.id()).expect("cluster pid 1");
+        let anchors = (1..=opts.nodes)
+            .map(|i| find_anchor(pid1, i).unwrap_or_else(|| panic!("anchor of node n{i}")))
+            .collect();
+        Cluster {
+            slurm,
+            nodes: opts.nodes,
+            stdin: child.stdin.take(),
+            child,
+            pid1,
+            anchors,
+            scratch,
+            _serial: serial,
+        }
+    }
+
+    /// A path inside the cluster's root, as seen from the test process.
+    pub fn path(&self, inside: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root", self.pid1)).join(inside.trim_start_matches('/'))
+    }
+
+    pub fn write(&self, inside: &str, content: &str, mode: u32) {
+        let p = self.path(inside);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent).expect("create dir in cluster");
+        }
+        fs::write(&p, content).unwrap_or_else(|e| panic!("write {inside}: {e}"));
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    pub fn read(&self, inside: &str) -> String {
+        fs::read_to_string(self.path(inside)).unwrap_or_default()
+    }
+
+    pub fn remove(&self, inside: &str) {
+        let _ = fs::remove_file(self.path(inside));
+    }
+
+    fn command(&self, node: usize, as_user: bool, env: &[(&str, &str)], argv: &[&str]) -> Command {
+        let anchor = self.anchors[node - 1];
+        let mut cmd = Command::new("nsenter");
+        cmd.env_clear().arg("-t").arg(anchor.to_string()).arg("-a");
+        let (home, user) = if as_user {
+            cmd.args(["-S", USER_ID, "-G", USER_ID]);
+            (HOME, USER)
+        } else {
+            ("/root", "root")
+        };
+        cmd.args(["--", "env", "-i", "-C", home])
+            .arg(format!("PATH={PATH}"))
+            .arg(format!("HOME={home}"))
+            .arg(format!("USER={user}"))
+            .arg(format!("LOGNAME={user}"));
+        for (k, v) in env {
+            cmd.arg(format!("{k}={v}"));
+        }
+        cmd.args(["timeout", "-k", "5", "120"]).args(argv);
+        cmd
+    }
+
+    /// Runs `argv` on `node` (1-based) as the unprivileged test user.
+    pub fn run(&self, node: usize, env: &[(&str, &str)], argv: &[&str]) -> Run {
+        self.exec(self.command(node, true, env, argv), argv)
+    }
+
+    /// Runs `argv` on `node` as root.
+    pub fn run_root(&self, node: usize, argv: &[&str]) -> Run {
+        self.exec(self.command(node, false, &[], argv), argv)
+    }
+
+    /// `srun ARGS` from node n1 as the test user.
+    pub fn srun(&self, args: &[&str]) -> Run {
+        self.srun_env(&[], args)
+    }
+
+    pub fn srun_env(&self, env: &[(&str, &str)], args: &[&str]) -> Run {
+        let mut argv = vec!["srun"];
+        argv.extend_from_slice(args);
+        self.run(1, env, &argv)
+    }
+
+    fn exec(&self, mut cmd: Command, argv: &[&str]) -> Run {
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("nsenter for {argv:?}: {e}"));
+        Run::from_output(argv.iter().map(|s| s.to_string()).collect(), out)
+    }
+
+    /// The slurmd log of node `node`.
+    pub fn slurmd_log(&self, node: usize) -> String {
+        self.read(&format!("/var/log/slurm/slurmd-n{node}.log"))
+    }
+
+    /// Every daemon log, for failure reports.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        let mut names = vec!["slurmctld.log".to_string()];
+        names.extend((1..=self.nodes).map(|i| format!("slurmd-n{i}.log")));
+        for name in names {
+            let text = self.read(&format!("/var/log/slurm/{name}"));
+            let tail: Vec<&str> = text.lines().rev().take(60).collect();
+            out.push_str(&format!("==== {name} (last {} lines)\n", tail.len()));
+            for l in tail.into_iter().rev() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Whether every daemon of the cluster is still running.
+    pub fn daemons_alive(&self) -> bool {
+        let ns = pid_ns(self.pid1);
+        let mut slurmd = 0;
+        let mut slurmctld = 0;
+        for pid in all_pids() {
+            if pid_ns(pid) != ns {
+                continue;
+            }
+            match fs::read_to_string(format!("/proc/{pid}/comm"))
+                .as_deref()
+                .map(str::trim)
+            {
+                Ok("slurmd") => slurmd += 1,
+                Ok("slurmctld") => slurmctld += 1,
+                _ => {}
+            }
+        }
+        slurmd == self.nodes && slurmctld == 1
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- cluster logs (Slurm {}) ----\n{}",
+                self.slurm.name(),
+                self.logs()
+            );
+        }
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.write_all(b"\n");
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+            }
+        }
+        let _ = fs::remove_dir_all(&self.scratch);
+    }
+}
+
+fn running_as_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
+                .unwrap_or(false)
+        })
+        .unwrap_or(false)
+}
+
+fn tempdir(prefix: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let p = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
+    let _ = fs::remove_dir_all(&p);
+    fs::create_dir_all(&p).expect("create temp dir");
+    p
+}
+
+fn first_child(pid: u32) -> Option<u32> {
+    let text = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+fn all_pids() -> Vec<u32> {
+    fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn pid_ns(pid: u32) -> Option<PathBuf> {
+    fs::read_link(format!("/proc/{pid}/ns/pid")).ok()
+}
+
+fn find_anchor(pid1: u32, node: usize) -> Option<u32> {
+    let want = format!("mlc-anchor-n{node}");
+    let ns = pid_ns(pid1)?;
+    all_pids().into_iter().find(|&pid| {
+        let argv0 = fs::read(format!("/proc/{pid}/cmdline"))
+            .ok()
+            .and_then(|c| c.split(|b| *b == 0).next().map(|a| a.to_vec()));
+        argv0.as_deref() == Some(want.as_bytes()) && pid_ns(pid).as_ref() == Some(&ns)
+    })
+}
+
+/// Reads every file under `dir` (inside the cluster) whose name starts with `prefix`.
+pub fn read_matching(cluster: &Cluster, dir: &str, prefix: &str) -> Vec<(String, String)> {
+    let Ok(entries) = fs::read_dir(cluster.path(dir)) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, String)> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                fs::read_to_string(e.path()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
