@@ -220,11 +220,23 @@ fn valgrind_finds_no_error_in_the_plugin(slurm: Slurm) {
         &["-N1", "--ml-container-gpus=bogus", "true"],
         &["--help"],
     ];
+    let mut outputs = String::new();
     for args in runs {
         let argv: Vec<&str> = vg.iter().chain(args.iter()).copied().collect();
         let r = c.run(1, &[], &argv);
         assert_eq!(r.signal, None, "{r}");
+        outputs.push_str(&r.stdout);
+        outputs.push_str(&r.stderr);
     }
+    // The plugin really ran under memcheck: its help text and its error.
+    assert!(
+        outputs.contains("--ml-container-gpus=auto|on|off"),
+        "{outputs}"
+    );
+    assert!(
+        outputs.contains("invalid --ml-container-gpus='bogus'"),
+        "{outputs}"
+    );
     let logs = harness::read_matching(&c, "/tmp/vg", "srun.");
     assert!(logs.len() >= 3, "valgrind wrote {} logs", logs.len());
     let mut ours = Vec::new();

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A throwaway multi-node Slurm cluster on one machine (shared/PLATFORM.md).
 #
-#   unshare --mount --pid --fork --kill-child -- cluster.sh LOWER NODES PLUGIN_SO STAGE
+#   unshare --mount --pid --fork --kill-child -- cluster.sh LOWER NODES PLUGIN_SO STAGE [CMD...]
 #
 # Runs as pid 1 of a fresh pid namespace, in a private mount namespace:
 # LOWER (the cached trixie root, or / for the host's Slurm) is overlaid with
@@ -10,7 +10,8 @@
 # bridge in a namespace of its own. STAGE is a directory whose files are
 # copied over the root before the daemons start (test configs, images).
 #
-# Prints READY when every node is idle, then waits for EOF on stdin. When
+# Prints READY when every node is idle, then runs CMD as root inside node n1
+# and exits with its status, or, without CMD, waits for EOF on stdin. When
 # this script exits, the kernel kills every process of the pid namespace:
 # no daemon outlives its test. The harness finds node anchors by their
 # argv[0], mlc-anchor-nX, and enters them with nsenter.
@@ -20,6 +21,8 @@ LOWER=$1
 NODES=$2
 PLUGIN=$3
 STAGE=$4
+shift 4
+CMD=("$@")
 SCRATCH=$(mktemp -d /tmp/mlc-cluster.XXXXXX)
 
 log() { echo "cluster: $*" >&2; }
@@ -50,6 +53,7 @@ echo 'include /etc/slurm/plugstack.conf.d/*.conf' >"$R/etc/slurm/plugstack.conf"
 
 {
     echo "127.0.0.1 localhost"
+    echo "127.0.1.1 $(hostname)" # munged looks up its own name
     for i in $(seq 1 "$NODES"); do echo "10.77.0.$i n$i"; done
 } >"$R/etc/hosts"
 
@@ -94,6 +98,7 @@ fi
 # Test files last, so a test can replace any of the above.
 if [[ -d $STAGE ]]; then
     cp -a "$STAGE/." "$R/"
+    chmod 0755 "$R" # cp -a gave the root the stage directory's mode
 fi
 
 cd "$R"
@@ -162,5 +167,10 @@ while :; do
 done
 
 echo READY
+if ((${#CMD[@]})); then
+    rc=0
+    in_node 1 "${CMD[@]}" || rc=$?
+    exit "$rc"
+fi
 # Hold the cluster until the harness closes our stdin (or dies).
 read -r _ || true

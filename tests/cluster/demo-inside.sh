@@ -1,0 +1,19 @@
+#!/bin/bash
+# Runs inside node n1 of the demo cluster, as root (see demo.sh).
+set -euo pipefail
+as_user() { runuser -u mluser -- env -C /home/mluser "$@"; }
+
+echo "demo: building a 1 MB busybox image with apptainer"
+as_user sh -c 'rm -rf /tmp/demo-sandbox && mkdir -p /tmp/demo-sandbox/bin &&
+    cp /bin/busybox /tmp/demo-sandbox/bin/ &&
+    for c in sh echo hostname cat ls id; do ln -s busybox /tmp/demo-sandbox/bin/$c; done &&
+    echo "this is the demo image" >/tmp/demo-sandbox/MARKER &&
+    apptainer -s build /tmp/demo.sif /tmp/demo-sandbox/ >/dev/null'
+mkdir -p /opt/containers/ml-frameworks
+install -m 0644 /tmp/demo.sif /opt/containers/ml-frameworks/demo.sif
+
+cmd=(srun -N2 -n4 --ml-container=demo sh -c 'echo "rank $SLURM_PROCID of $SLURM_NTASKS on $(hostname)"')
+echo "demo: as mluser: ${cmd[*]}"
+as_user "${cmd[@]}"
+echo "demo: what the plugin saw on each node:"
+grep -h 'ml-container:' /var/log/slurm/slurmd-n*.log | sed 's/^/  /'
