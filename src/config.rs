@@ -184,6 +184,10 @@ pub struct RegistryConfig {
     /// Directories an absolute image path may point into; empty: the root.
     pub allowed_dirs: Vec<AbsPath>,
     pub verify: VerifyLevel,
+    /// Besides root, the user trusted to own the catalog (name or uid).
+    pub owner: String,
+    /// Per-node cache of verified sha256 sums (root-owned).
+    pub hash_cache: AbsPath,
 }
 
 impl Default for RegistryConfig {
@@ -195,6 +199,8 @@ impl Default for RegistryConfig {
                 .to_vec(),
             allowed_dirs: Vec::new(),
             verify: VerifyLevel::Quick,
+            owner: "root".to_string(),
+            hash_cache: AbsPath(PathBuf::from("/var/cache/slurm-ml-container/sha256")),
         }
     }
 }

@@ -8,7 +8,13 @@
 //! - the support library: the pure modules below, shared with
 //! - the admin CLI, `ml-container` (src/bin).
 
+pub mod catalog;
 pub mod config;
+pub mod hostlist;
+pub mod integrity;
 pub mod options;
 pub mod plugin;
+pub mod registry;
+pub mod secure;
+pub mod sif;
 pub mod spank;

@@ -8,10 +8,13 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::config::{ConfigError, PlugstackArgs, SiteConfig};
+use crate::integrity::{self, IntegrityError, Verified};
 use crate::options::{OptionError, OptionId, OptionSpec, UserOptions, OPTIONS};
+use crate::registry::{Pin, Registry, RegistryError, PIN_ENV};
 
 /// spank_context_t, as far as the plugin cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +46,8 @@ pub enum HostError {
     },
     /// A string with an interior NUL cannot cross into C.
     Nul(String),
+    /// The running Slurm lacks this call.
+    Unsupported(&'static str),
 }
 
 impl fmt::Display for HostError {
@@ -55,6 +60,7 @@ impl fmt::Display for HostError {
                 message,
             } => write!(f, "{call}({what}) failed: {message} (code {code})"),
             HostError::Nul(s) => write!(f, "'{}' contains a NUL byte", s.escape_default()),
+            HostError::Unsupported(call) => write!(f, "this Slurm has no {call}"),
         }
     }
 }
@@ -68,6 +74,11 @@ pub trait Host {
     fn step_id(&self) -> Option<u32>;
     fn node_id(&self) -> Option<u32>;
     fn register_option(&mut self, spec: &OptionSpec) -> Result<(), HostError>;
+    /// Sets (or with `None` removes) a variable in srun's own environment,
+    /// which srun hands to the step's tasks.
+    fn set_local_env(&mut self, name: &str, value: Option<&str>);
+    /// Prepends to the task's argv (task context, Slurm >= 23.11).
+    fn prepend_argv(&mut self, argv: &[String]) -> Result<(), HostError>;
 }
 
 /// Why a callback fails the job. `Display` is the one line the user sees.
@@ -77,6 +88,11 @@ pub enum PluginError {
     Config(String),
     Host(HostError),
     UnknownOption(i32),
+    NoImage,
+    Registry(RegistryError),
+    Integrity(IntegrityError),
+    /// A problem found in slurmstepd, reported from the task.
+    Node(String),
 }
 
 impl fmt::Display for PluginError {
@@ -85,6 +101,13 @@ impl fmt::Display for PluginError {
             PluginError::Option(e) => write!(f, "{e}"),
             PluginError::Config(e) => write!(f, "configuration error: {e}"),
             PluginError::Host(e) => write!(f, "{e}"),
+            PluginError::NoImage => write!(
+                f,
+                "--ml-container-* options need an image: add --ml-container=IMAGE"
+            ),
+            PluginError::Registry(e) => write!(f, "{e}"),
+            PluginError::Integrity(e) => write!(f, "{e}"),
+            PluginError::Node(e) => write!(f, "{e}"),
             PluginError::UnknownOption(v) => write!(
                 f,
                 "Slurm passed unknown option value {v}: is plugstack.conf loading an \
@@ -97,6 +120,18 @@ impl fmt::Display for PluginError {
 impl From<OptionError> for PluginError {
     fn from(e: OptionError) -> Self {
         PluginError::Option(e)
+    }
+}
+
+impl From<RegistryError> for PluginError {
+    fn from(e: RegistryError) -> Self {
+        PluginError::Registry(e)
+    }
+}
+
+impl From<IntegrityError> for PluginError {
+    fn from(e: IntegrityError) -> Self {
+        PluginError::Integrity(e)
     }
 }
 
@@ -115,6 +150,8 @@ struct State {
     /// A problem found on a node, reported from the task (PLATFORM.md:
     /// errors from slurmstepd's own callbacks do not reach the srun user).
     deferred: Option<String>,
+    /// On a node: the image every task of this step runs, and the runtime.
+    plan: Option<(Pin, PathBuf)>,
 }
 
 impl State {
@@ -130,6 +167,7 @@ impl State {
                 writable_tmpfs: false,
             },
             deferred: None,
+            plan: None,
         }
     }
 }
@@ -185,7 +223,9 @@ pub fn on_option(val: i32, arg: Option<&str>, remote: bool) -> Result<(), Plugin
 }
 
 /// `slurm_spank_init_post_opt`: the options are known; fail early if the
-/// plugin was asked for and cannot work.
+/// plugin was asked for and cannot work. In srun, resolve the image once and
+/// pin it for the nodes; on a node, check the pin (or resolve, when srun
+/// could not read the registry) and verify the image.
 pub fn init_post_opt(host: &mut dyn Host) -> Result<(), PluginError> {
     fault_injection(host, "init_post_opt");
     let ctx = host.context();
@@ -193,47 +233,193 @@ pub fn init_post_opt(host: &mut dyn Host) -> Result<(), PluginError> {
     if !st.options.any() {
         return Ok(());
     }
-    let config_error = match &st.config {
-        Some(Ok(_)) => None,
-        Some(Err(e)) => Some(e.clone()),
-        None => Some("the plugin was not initialised".to_string()),
+    let config = match &st.config {
+        Some(Ok(c)) => Ok(c.clone()),
+        Some(Err(e)) => Err(e.clone()),
+        None => Err("the plugin was not initialised".to_string()),
     };
     match ctx {
         Context::Local | Context::Allocator => {
-            if let Some(e) = config_error {
-                return Err(PluginError::Config(e));
-            }
+            let config = config.map_err(PluginError::Config)?;
+            let image = st.options.image.clone().ok_or(PluginError::NoImage)?;
             log::debug!("options: {}", st.options.summary());
+            resolve_in_srun(host, &config, &image, ctx == Context::Local)
         }
         Context::Remote => {
+            let step = host.step_id().unwrap_or(u32::MAX);
             log::info!(
                 "job {} step {} node {}: options received: {}",
                 fmt_id(host.job_id()),
-                fmt_id(host.step_id()),
+                fmt_id(Some(step)),
                 fmt_id(host.node_id()),
                 st.options.summary()
             );
-            if let Some(e) = config_error {
-                log::error!("{e}");
-                st.deferred = Some(format!("configuration error on this node: {e}"));
+            if step >= SLURM_PSEUDO_STEPS {
+                // The batch script, extern and interactive steps are not
+                // containerized; their srun steps are.
+                return Ok(());
             }
+            let outcome = config
+                .map_err(|e| PluginError::Config(format!("on this node: {e}")))
+                .and_then(|config| {
+                    let image = st.options.image.clone().ok_or(PluginError::NoImage)?;
+                    prepare_on_node(host, &config, &image)
+                });
+            match outcome {
+                Ok(plan) => st.plan = Some(plan),
+                Err(e) => {
+                    let msg = format!("node {}: {e}", hostname());
+                    log::error!("{msg}");
+                    st.deferred = Some(msg);
+                }
+            }
+            Ok(())
         }
-        _ => {}
+        _ => Ok(()),
+    }
+}
+
+/// Step ids from here up are Slurm's pseudo steps (SLURM_BATCH_SCRIPT
+/// 0xfffffffb, SLURM_EXTERN_CONT 0xfffffffc, SLURM_INTERACTIVE_STEP ...).
+const SLURM_PSEUDO_STEPS: u32 = 0xffff_fff0;
+
+/// srun (pin = true) or sbatch/salloc (check only): resolve where the
+/// registry is readable, so a bad image fails before any node is used.
+fn resolve_in_srun(
+    host: &mut dyn Host,
+    config: &SiteConfig,
+    image: &str,
+    pin: bool,
+) -> Result<(), PluginError> {
+    let registry = match Registry::open(&config.registry) {
+        Ok(r) => r,
+        Err(RegistryError::Unavailable { root, source }) => {
+            log::debug!(
+                "registry {} not readable here ({source}); the nodes resolve '{image}'",
+                root.display()
+            );
+            if pin {
+                host.set_local_env(PIN_ENV, None);
+            }
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let resolved = registry.resolve(image)?;
+    integrity::quick(&resolved.path, resolved.catalog_size)?;
+    log::debug!(
+        "image '{image}' is {} ({} bytes)",
+        resolved.path.display(),
+        resolved.size
+    );
+    if pin {
+        host.set_local_env(PIN_ENV, Some(&resolved.encode()));
     }
     Ok(())
 }
 
+/// On a node, as root: the image this step runs, verified, and the runtime.
+fn prepare_on_node(
+    host: &dyn Host,
+    config: &SiteConfig,
+    image: &str,
+) -> Result<(Pin, PathBuf), PluginError> {
+    let registry = Registry::open(&config.registry)?;
+    let pin = match host.getenv(PIN_ENV) {
+        Some(text) => {
+            let pin = Pin::decode(&text)?;
+            if pin.reference != image {
+                return Err(RegistryError::BadPin {
+                    reason: format!("it is for '{}', the step asks for '{image}'", pin.reference),
+                }
+                .into());
+            }
+            registry.check_pin(&pin)?;
+            pin
+        }
+        None => registry.resolve(image)?,
+    };
+    let how = integrity::verify(
+        &pin,
+        config.registry.verify,
+        Some(config.registry.hash_cache.as_path()),
+    )?;
+    log::info!(
+        "image {} = {} verified: {}",
+        pin.display_name(),
+        pin.path.display(),
+        match how {
+            Verified::Quick => "size and SIF structure".to_string(),
+            Verified::Cached => "sha256 (cached on this node)".to_string(),
+            Verified::Hashed { millis } => format!("sha256 hashed in {millis} ms"),
+        }
+    );
+    let runtime = runtime_path(config).ok_or_else(|| {
+        PluginError::Node(format!(
+            "the container runtime '{}' is not installed (looked in {}); install it or set \
+             runtime.path in the site config",
+            runtime_name(config),
+            RUNTIME_DIRS.join(", ")
+        ))
+    })?;
+    Ok((pin, runtime))
+}
+
+const RUNTIME_DIRS: &[&str] = &["/usr/local/bin", "/usr/bin", "/bin"];
+
+fn runtime_name(config: &SiteConfig) -> &'static str {
+    match config.runtime.kind {
+        crate::config::RuntimeKind::Apptainer => "apptainer",
+        crate::config::RuntimeKind::Singularity => "singularity",
+        crate::config::RuntimeKind::Charliecloud => "ch-run",
+    }
+}
+
+fn runtime_path(config: &SiteConfig) -> Option<PathBuf> {
+    if let Some(p) = &config.runtime.path {
+        return p.as_path().is_file().then(|| p.0.clone());
+    }
+    RUNTIME_DIRS
+        .iter()
+        .map(|d| Path::new(d).join(runtime_name(config)))
+        .find(|p| p.is_file())
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "?".to_string())
+}
+
 /// `slurm_spank_task_init`: in each task, as the user. Problems found in
-/// slurmstepd are reported here, where the user's stderr is.
+/// slurmstepd are reported here, where the user's stderr is; then the task
+/// is wrapped in `<runtime> exec IMAGE`.
 pub fn task_init(host: &mut dyn Host) -> Result<(), PluginError> {
     fault_injection(host, "task_init");
     let st = state();
     if !st.options.any() {
         return Ok(());
     }
-    match &st.deferred {
-        Some(e) => Err(PluginError::Config(e.clone())),
-        None => Ok(()),
+    if let Some(e) = &st.deferred {
+        return Err(PluginError::Node(e.clone()));
+    }
+    let Some((pin, runtime)) = &st.plan else {
+        return Ok(());
+    };
+    let argv = vec![
+        runtime.to_string_lossy().into_owned(),
+        "exec".to_string(),
+        pin.path.to_string_lossy().into_owned(),
+    ];
+    match host.prepend_argv(&argv) {
+        Ok(()) => Ok(()),
+        Err(HostError::Unsupported(call)) => Err(PluginError::Node(format!(
+            "cannot run {} here: this Slurm has no {call}, and container execution on Slurm \
+             older than 23.11 is not supported by this plugin version yet; run without \
+             --ml-container or on a Slurm >= 23.11 cluster",
+            pin.display_name()
+        ))),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -301,6 +487,15 @@ mod tests {
         fn register_option(&mut self, spec: &OptionSpec) -> Result<(), HostError> {
             self.registered.push(spec.name);
             Ok(())
+        }
+        fn set_local_env(&mut self, name: &str, value: Option<&str>) {
+            match value {
+                Some(v) => self.env.insert(name.to_string(), v.to_string()),
+                None => self.env.remove(name),
+            };
+        }
+        fn prepend_argv(&mut self, _: &[String]) -> Result<(), HostError> {
+            Err(HostError::Unsupported("test"))
         }
     }
 

@@ -177,6 +177,22 @@ impl std::fmt::Display for Run {
     }
 }
 
+/// A command running in the background.
+pub struct Background {
+    child: Child,
+    argv: Vec<String>,
+}
+
+impl Background {
+    pub fn wait(self) -> Run {
+        let out = self
+            .child
+            .wait_with_output()
+            .expect("wait for background command");
+        Run::from_output(self.argv, out)
+    }
+}
+
 /// What a test wants in its cluster.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -184,6 +200,79 @@ pub struct Options {
     pub fault_injection: bool,
     /// Files placed into the root before the daemons start: (path, content).
     pub files: Vec<(String, String)>,
+    /// Host files copied into the root before the daemons start: (host path, path inside).
+    pub copies: Vec<(PathBuf, String)>,
+}
+
+impl Options {
+    /// A registry whose search directories hold `ml-frameworks/<marker>.sif`
+    /// for each marker (images built by [`images`]), and no catalog.
+    pub fn with_scan_images(mut self, markers: &[&str]) -> Options {
+        let built = images(markers);
+        for m in markers {
+            self.copies.push((
+                built[*m].clone(),
+                format!("{REGISTRY}/ml-frameworks/{m}.sif"),
+            ));
+        }
+        self
+    }
+
+    pub fn file(mut self, path: &str, content: &str) -> Options {
+        self.files.push((path.to_string(), content.to_string()));
+        self
+    }
+
+    pub fn copy(mut self, host: &std::path::Path, inside: &str) -> Options {
+        self.copies.push((host.to_path_buf(), inside.to_string()));
+        self
+    }
+}
+
+/// The registry root in the test clusters (the config default).
+pub const REGISTRY: &str = "/opt/containers";
+
+/// Tiny busybox SIF images, one per marker, each with `/MARKER` holding
+/// the marker's name, so a test can tell which image ran. Built with the
+/// trixie root's Apptainer in a 1-node cluster, once, cached under target/.
+/// Call before starting a cluster (clusters run one at a time).
+pub fn images(markers: &[&str]) -> HashMap<String, PathBuf> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+    let dir = target_dir().join("images");
+    fs::create_dir_all(&dir).expect("images dir");
+    let missing: Vec<&str> = markers
+        .iter()
+        .copied()
+        .filter(|m| !dir.join(format!("{m}.sif")).exists())
+        .collect();
+    if !missing.is_empty() {
+        let c = Cluster::start_with(
+            Slurm::V24_11,
+            Options {
+                nodes: 1,
+                ..Options::default()
+            },
+        );
+        for m in &missing {
+            let script = format!(
+                "set -e; d=/tmp/sb-{m}; rm -rf $d; mkdir -p $d/bin $d/tmp $d/home $d/etc; \
+                 cp /bin/busybox $d/bin/; \
+                 for c in sh cat echo ls true env sleep id hostname pwd touch kill; do ln -s busybox $d/bin/$c; done; \
+                 echo {m} > $d/MARKER; apptainer -s build /tmp/{m}.sif $d"
+            );
+            c.run(1, &[], &["sh", "-c", &script]).assert_ok();
+            fs::copy(
+                c.path(&format!("/tmp/{m}.sif")),
+                dir.join(format!("{m}.sif")),
+            )
+            .expect("copy image out of the cluster");
+        }
+    }
+    markers
+        .iter()
+        .map(|m| (m.to_string(), dir.join(format!("{m}.sif"))))
+        .collect()
 }
 
 impl Default for Options {
@@ -192,6 +281,7 @@ impl Default for Options {
             nodes: 2,
             fault_injection: false,
             files: Vec::new(),
+            copies: Vec::new(),
         }
     }
 }
@@ -237,6 +327,12 @@ impl Cluster {
             let dest = stage.join(path.trim_start_matches('/'));
             fs::create_dir_all(dest.parent().expect("parent")).expect("stage dir");
             fs::write(&dest, content).expect("stage file");
+        }
+        for (host, inside) in &opts.copies {
+            let dest = stage.join(inside.trim_start_matches('/'));
+            fs::create_dir_all(dest.parent().expect("parent")).expect("stage dir");
+            fs::copy(host, &dest).unwrap_or_else(|e| panic!("stage {}: {e}", host.display()));
+            fs::set_permissions(&dest, fs::Permissions::from_mode(0o644)).expect("chmod");
         }
         let log_path = scratch.join("cluster.log");
         let mut child = Command::new("unshare")
@@ -350,6 +446,23 @@ impl Cluster {
         let mut argv = vec!["srun"];
         argv.extend_from_slice(args);
         self.run(1, env, &argv)
+    }
+
+    /// Starts `srun ARGS` in the background; `wait` it later.
+    pub fn spawn_srun(&self, args: &[&str]) -> Background {
+        let mut argv = vec!["srun"];
+        argv.extend_from_slice(args);
+        let child = self
+            .command(1, true, &[], &argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn srun");
+        Background {
+            child,
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+        }
     }
 
     fn exec(&self, mut cmd: Command, argv: &[&str]) -> Run {

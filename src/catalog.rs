@@ -1,0 +1,670 @@
+//! The registry catalog, `<root>/.registry/catalog.toml` (SPEC "Registry").
+//!
+//! Strict on purpose: the catalog decides which file a job runs, so a typo
+//! must be an error naming the file, the line and the entry, never a silent
+//! fallback. Checked: `version = 1`, unknown keys, duplicate `name:tag`, two
+//! defaults for one name, malformed sha256, names, tags, aliases and dates,
+//! and aliases that collide with other entries.
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+/// The catalog's path under the registry root.
+pub const CATALOG_PATH: &str = ".registry/catalog.toml";
+/// The registry-wide settings under the registry root (optional).
+pub const REGISTRY_CONFIG_PATH: &str = ".registry/config.toml";
+/// 10,000 entries take about 3 MB; anything near this is not a catalog.
+pub const MAX_CATALOG_BYTES: u64 = 64 << 20;
+
+/// One `[[image]]` entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Image {
+    pub name: String,
+    pub tag: String,
+    /// As written: relative to the registry root, or absolute.
+    pub path: PathBuf,
+    pub sha256: Option<String>,
+    pub size: Option<u64>,
+    pub default: bool,
+    pub aliases: Vec<String>,
+    pub description: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// Seconds since the epoch, UTC, for "newest added".
+    pub added: Option<i64>,
+    /// Where the entry starts in the catalog file (1-based line).
+    pub line: usize,
+}
+
+impl Image {
+    pub fn reference(&self) -> String {
+        format!("{}:{}", self.name, self.tag)
+    }
+}
+
+/// A parsed, consistent catalog.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Catalog {
+    pub images: Vec<Image>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CatalogError {
+    pub path: PathBuf,
+    pub line: usize,
+    /// The entry at fault (`#3 pytorch:2.1`), empty for file-level problems.
+    pub entry: String,
+    pub message: String,
+}
+
+impl fmt::Display for CatalogError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: ", self.path.display(), self.line)?;
+        if !self.entry.is_empty() {
+            write!(f, "image {}: ", self.entry)?;
+        }
+        write!(
+            f,
+            "{}; fix the catalog (ml-container add/remove rewrite it safely)",
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for CatalogError {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCatalog {
+    version: toml::Spanned<i64>,
+    #[serde(default)]
+    image: Vec<toml::Spanned<RawImage>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImage {
+    name: Name,
+    tag: Tag,
+    path: NonEmpty,
+    sha256: Option<Sha256>,
+    size: Option<u64>,
+    #[serde(default)]
+    default: bool,
+    #[serde(default)]
+    aliases: Vec<Alias>,
+    description: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    added: Option<Added>,
+}
+
+/// Validating wrappers: a failure inside `Deserialize` carries the span of
+/// the value, so the error names the exact line.
+macro_rules! checked_string {
+    ($ty:ident, $check:expr, $what:expr) => {
+        struct $ty(String);
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                let check: fn(&str) -> bool = $check;
+                if check(&s) {
+                    Ok($ty(s))
+                } else {
+                    Err(serde::de::Error::custom(format!(
+                        "'{}' is not a valid {}",
+                        s.escape_default(),
+                        $what
+                    )))
+                }
+            }
+        }
+    };
+}
+
+checked_string!(
+    Name,
+    valid_name,
+    "image name (lowercase letters, digits, '.', '_', '-', '/'; starting with a letter or digit)"
+);
+checked_string!(
+    Tag,
+    valid_tag,
+    "tag (letters, digits, '.', '_', '-'; at most 128, not starting with '.' or '-')"
+);
+checked_string!(
+    Alias,
+    valid_alias,
+    "alias (a name, name:tag or registry reference without spaces)"
+);
+checked_string!(
+    Sha256,
+    |s| s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+    "sha256 (64 lowercase hex digits)"
+);
+checked_string!(NonEmpty, |s| !s.is_empty() && !s.contains('\0'), "path");
+
+/// A name: what users type before the `:`. Slashes are allowed so that
+/// `nvidia/pytorch` works, `..` components are not.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-' | b'/')
+        })
+        && !s.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+}
+
+pub fn valid_tag(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && !s.starts_with(['.', '-'])
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn valid_alias(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 256
+        && !s.starts_with('/')
+        && s.bytes().all(|b| b.is_ascii_graphic())
+        && !s.split(['/', ':']).any(|c| c == "..")
+}
+
+/// `added`: a TOML offset date-time or an RFC 3339 string.
+struct Added(i64);
+
+impl<'de> Deserialize<'de> for Added {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Date(toml::value::Datetime),
+            Text(String),
+        }
+        let text = match Raw::deserialize(d) {
+            Ok(Raw::Date(dt)) => dt.to_string(),
+            Ok(Raw::Text(s)) => s,
+            Err(_) => {
+                return Err(serde::de::Error::custom(
+                    "expected an RFC 3339 date-time such as 2024-01-15T10:00:00Z",
+                ))
+            }
+        };
+        parse_rfc3339(&text).map(Added).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "'{text}' is not an RFC 3339 date-time such as 2024-01-15T10:00:00Z"
+            ))
+        })
+    }
+}
+
+/// Seconds since the epoch for `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`.
+pub fn parse_rfc3339(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20 {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let part = s.get(r)?;
+        if part.bytes().all(|c| c.is_ascii_digit()) {
+            part.parse().ok()
+        } else {
+            None
+        }
+    };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' {
+        return None;
+    }
+    if b[16] != b':' || !(1..=12).contains(&mo) || d < 1 || d > days_in_month(y, mo) {
+        return None;
+    }
+    if h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let mut rest = &s[19..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        rest = &frac[digits..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ if rest.len() == 6 && matches!(&rest[..1], "+" | "-") && &rest[3..4] == ":" => {
+            let oh: i64 = rest.get(1..3)?.parse().ok()?;
+            let om: i64 = rest.get(4..6)?.parse().ok()?;
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            let o = oh * 3600 + om * 60;
+            if rest.starts_with('-') {
+                -o
+            } else {
+                o
+            }
+        }
+        _ => return None,
+    };
+    Some(days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + sec - offset)
+}
+
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset.min(text.len()))
+        .map_or(1, |t| t.matches('\n').count() + 1)
+}
+
+/// Byte offsets of line starts, so that finding the line of each of 10,000
+/// entries is a binary search, not a scan from the top each time.
+struct Lines(Vec<usize>);
+
+impl Lines {
+    fn new(text: &str) -> Lines {
+        let starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Lines(starts)
+    }
+
+    fn line(&self, offset: usize) -> usize {
+        self.0.partition_point(|&start| start <= offset).max(1)
+    }
+}
+
+impl Catalog {
+    /// Parses catalog text; `path` is only used in messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Catalog, CatalogError> {
+        let err = |line: usize, entry: String, message: String| CatalogError {
+            path: path.to_path_buf(),
+            line,
+            entry,
+            message,
+        };
+        let raw: RawCatalog = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start);
+            let line = line_of(text, offset);
+            // Name the entry whose table holds the error, when there is one.
+            let entry = text
+                .get(..offset.min(text.len()))
+                .map_or(0, |t| t.matches("[[image]]").count());
+            let entry = if entry > 0 {
+                format!("#{entry}")
+            } else {
+                String::new()
+            };
+            err(
+                line,
+                entry,
+                e.message().split_whitespace().collect::<Vec<_>>().join(" "),
+            )
+        })?;
+        if *raw.version.get_ref() != 1 {
+            return Err(err(
+                line_of(text, raw.version.span().start),
+                String::new(),
+                format!(
+                    "unsupported catalog version {} (this plugin reads version 1)",
+                    raw.version.get_ref()
+                ),
+            ));
+        }
+        let lines = Lines::new(text);
+        let mut images = Vec::with_capacity(raw.image.len());
+        let mut by_ref: HashMap<String, usize> = HashMap::new();
+        let mut default_of: HashMap<String, usize> = HashMap::new();
+        for (i, spanned) in raw.image.into_iter().enumerate() {
+            let line = lines.line(spanned.span().start);
+            let r = spanned.into_inner();
+            let image = Image {
+                name: r.name.0,
+                tag: r.tag.0,
+                path: PathBuf::from(r.path.0),
+                sha256: r.sha256.map(|s| s.0),
+                size: r.size,
+                default: r.default,
+                aliases: r.aliases.into_iter().map(|a| a.0).collect(),
+                description: r.description,
+                labels: r.labels,
+                added: r.added.map(|a| a.0),
+                line,
+            };
+            let entry = format!("#{} {}", i + 1, image.reference());
+            if let Some(&first) = by_ref.get(&image.reference()) {
+                return Err(err(
+                    line,
+                    entry,
+                    format!(
+                        "duplicate {}: also at line {}",
+                        image.reference(),
+                        images.get(first).map_or(0, |im: &Image| im.line)
+                    ),
+                ));
+            }
+            if image.default {
+                if let Some(&first) = default_of.get(&image.name) {
+                    return Err(err(
+                        line,
+                        entry,
+                        format!(
+                            "second default for '{}': {} at line {} is already the default",
+                            image.name,
+                            images.get(first).map_or(String::new(), Image::reference),
+                            images.get(first).map_or(0, |im: &Image| im.line)
+                        ),
+                    ));
+                }
+                default_of.insert(image.name.clone(), i);
+            }
+            by_ref.insert(image.reference(), i);
+            images.push(image);
+        }
+        // Aliases may not shadow an entry or each other: a reference must
+        // mean one image.
+        let names: HashMap<&str, usize> = images
+            .iter()
+            .enumerate()
+            .map(|(i, im)| (im.name.as_str(), i))
+            .collect();
+        let mut aliases: HashMap<&str, usize> = HashMap::new();
+        for (i, im) in images.iter().enumerate() {
+            for a in &im.aliases {
+                let entry = format!("#{} {}", i + 1, im.reference());
+                if by_ref.contains_key(a.as_str()) || names.contains_key(a.as_str()) {
+                    return Err(err(
+                        im.line,
+                        entry,
+                        format!("alias '{a}' is already the name of a catalog entry"),
+                    ));
+                }
+                if let Some(&other) = aliases.get(a.as_str()) {
+                    return Err(err(
+                        im.line,
+                        entry,
+                        format!(
+                            "alias '{a}' is also an alias of {} (line {})",
+                            images[other].reference(),
+                            images[other].line
+                        ),
+                    ));
+                }
+                aliases.insert(a, i);
+            }
+        }
+        Ok(Catalog { images })
+    }
+
+    /// The entry `name:tag`.
+    pub fn get(&self, name: &str, tag: &str) -> Option<&Image> {
+        self.images.iter().find(|i| i.name == name && i.tag == tag)
+    }
+
+    /// What a bare `name` means: the default tag, else the newest `added`
+    /// (entries without a date count as oldest; ties go to the later entry).
+    pub fn default_for(&self, name: &str) -> Option<&Image> {
+        let mut candidates = self.images.iter().filter(|i| i.name == name);
+        let all: Vec<&Image> = candidates.by_ref().collect();
+        if let Some(d) = all.iter().find(|i| i.default) {
+            return Some(d);
+        }
+        all.into_iter().max_by_key(|i| i.added.unwrap_or(i64::MIN))
+    }
+
+    /// The entry that lists `reference` among its aliases.
+    pub fn by_alias(&self, reference: &str) -> Option<&Image> {
+        self.images
+            .iter()
+            .find(|i| i.aliases.iter().any(|a| a == reference))
+    }
+
+    /// Every reference a user could type: names, name:tags and aliases.
+    pub fn references(&self) -> impl Iterator<Item = String> + '_ {
+        self.images.iter().flat_map(|i| {
+            std::iter::once(i.name.clone())
+                .chain(std::iter::once(i.reference()))
+                .chain(i.aliases.iter().cloned())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Catalog, CatalogError> {
+        Catalog::parse(Path::new("/opt/containers/.registry/catalog.toml"), text)
+    }
+
+    const GOOD: &str = r#"version = 1
+
+[[image]]
+name = "pytorch"
+tag = "2.1"
+path = "ml-frameworks/pytorch-2.1.sif"
+sha256 = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+size = 1114112
+aliases = ["nvcr.io/nvidia/pytorch:24.01-py3"]
+description = "PyTorch 2.1"
+labels = { cuda = "12.1", pytorch = "2.1" }
+added = 2024-01-15T10:00:00Z
+
+[[image]]
+name = "pytorch"
+tag = "2.2"
+path = "/opt/containers/ml-frameworks/pytorch-2.2.sif"
+added = "2024-03-01T00:00:00+01:00"
+
+[[image]]
+name = "tensorflow"
+tag = "2.15"
+path = "ml-frameworks/tf.sif"
+default = true
+"#;
+
+    #[test]
+    fn good_catalog() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.images.len(), 3);
+        assert_eq!(c.images[0].line, 3);
+        assert_eq!(
+            c.images[0].labels.get("cuda").map(String::as_str),
+            Some("12.1")
+        );
+        assert_eq!(c.get("pytorch", "2.1").map(|i| i.size), Some(Some(1114112)));
+        // No default for pytorch: the newest added wins.
+        assert_eq!(
+            c.default_for("pytorch").map(|i| i.tag.as_str()),
+            Some("2.2")
+        );
+        assert_eq!(
+            c.default_for("tensorflow").map(|i| i.tag.as_str()),
+            Some("2.15")
+        );
+        assert_eq!(
+            c.by_alias("nvcr.io/nvidia/pytorch:24.01-py3")
+                .map(Image::reference),
+            Some("pytorch:2.1".to_string())
+        );
+        assert!(c.references().any(|r| r == "tensorflow:2.15"));
+    }
+
+    #[test]
+    fn default_beats_newest() {
+        let c = parse(
+            "version = 1\n[[image]]\nname = \"a\"\ntag = \"1\"\npath = \"a1.sif\"\ndefault = true\n\
+             added = 2020-01-01T00:00:00Z\n[[image]]\nname = \"a\"\ntag = \"2\"\npath = \"a2.sif\"\n\
+             added = 2024-01-01T00:00:00Z\n",
+        )
+        .unwrap();
+        assert_eq!(c.default_for("a").map(|i| i.tag.as_str()), Some("1"));
+    }
+
+    fn err(text: &str) -> CatalogError {
+        parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_line_and_entry() {
+        let e = err("version = 1\n[[image]]\nname = \"a\"\ntag = \"1\"\npath = \"a.sif\"\ncolour = \"red\"\n");
+        assert_eq!(e.line, 6);
+        assert_eq!(e.entry, "#1");
+        assert!(e.message.contains("colour"), "{e}");
+
+        let dup = "version = 1\n[[image]]\nname = \"a\"\ntag = \"1\"\npath = \"a.sif\"\n\
+                   [[image]]\nname = \"a\"\ntag = \"1\"\npath = \"b.sif\"\n";
+        let e = err(dup);
+        assert_eq!((e.line, e.entry.as_str()), (6, "#2 a:1"));
+        assert!(
+            e.message.contains("duplicate a:1") && e.message.contains("line 2"),
+            "{e}"
+        );
+
+        let two_defaults = "version = 1\n[[image]]\nname = \"a\"\ntag = \"1\"\npath = \"a.sif\"\ndefault = true\n\
+                            [[image]]\nname = \"a\"\ntag = \"2\"\npath = \"b.sif\"\ndefault = true\n";
+        let e = err(two_defaults);
+        assert_eq!(e.line, 7);
+        assert!(e.message.contains("second default"), "{e}");
+
+        let e = err("version = 1\n[[image]]\nname = \"a\"\ntag = \"1\"\npath = \"a.sif\"\nsha256 = \"XYZ\"\n");
+        assert_eq!(e.line, 6);
+        assert!(e.message.contains("sha256"), "{e}");
+        let one_line = e.to_string();
+        assert!(!one_line.contains('\n'));
+        assert!(
+            one_line.starts_with("/opt/containers/.registry/catalog.toml:6: image #1:"),
+            "{one_line}"
+        );
+    }
+
+    #[test]
+    fn file_level_errors() {
+        assert!(err("").message.contains("version"));
+        let e = err("version = 2\n");
+        assert_eq!(e.line, 1);
+        assert!(e.message.contains("version 2"));
+        assert!(err("version = 1\nimage = 3\n").line == 2);
+    }
+
+    #[test]
+    fn field_validation() {
+        let entry = |extra: &str| {
+            format!(
+                "version = 1\n[[image]]\nname = \"a\"\ntag = \"1\"\npath = \"a.sif\"\n{extra}\n"
+            )
+        };
+        for bad in [
+            "aliases = [\"has space\"]",
+            "aliases = [\"../../etc\"]",
+            "added = \"yesterday\"",
+            "added = \"2024-02-30T00:00:00Z\"",
+            "added = 2024-01-01",
+            "size = -1",
+        ] {
+            assert!(parse(&entry(bad)).is_err(), "{bad} accepted");
+        }
+        for bad_name in ["", "UPPER", "-x", "a/../b", "a//b", "a b"] {
+            let t = format!(
+                "version = 1\n[[image]]\nname = \"{bad_name}\"\ntag = \"1\"\npath = \"a.sif\"\n"
+            );
+            assert!(parse(&t).is_err(), "name {bad_name:?} accepted");
+        }
+        for bad_tag in ["", "-1", ".x", "a:b", "a/b"] {
+            let t = format!(
+                "version = 1\n[[image]]\nname = \"a\"\ntag = \"{bad_tag}\"\npath = \"a.sif\"\n"
+            );
+            assert!(parse(&t).is_err(), "tag {bad_tag:?} accepted");
+        }
+        assert!(parse(&entry("path = \"\"")).is_err());
+    }
+
+    #[test]
+    fn alias_collisions() {
+        let t = "version = 1\n[[image]]\nname = \"a\"\ntag = \"1\"\npath = \"a.sif\"\naliases = [\"b:2\"]\n\
+                 [[image]]\nname = \"b\"\ntag = \"2\"\npath = \"b.sif\"\n";
+        assert!(err(t).message.contains("alias 'b:2'"));
+        let t = "version = 1\n[[image]]\nname = \"a\"\ntag = \"1\"\npath = \"a.sif\"\naliases = [\"x\"]\n\
+                 [[image]]\nname = \"b\"\ntag = \"2\"\npath = \"b.sif\"\naliases = [\"x\"]\n";
+        assert!(err(t).message.contains("also an alias"));
+    }
+
+    #[test]
+    fn line_index_matches_counting() {
+        let text = "a\nbb\n\nccc\n";
+        let lines = Lines::new(text);
+        for offset in 0..=text.len() {
+            assert_eq!(lines.line(offset), line_of(text, offset), "offset {offset}");
+        }
+    }
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_rfc3339("1970-01-01T01:00:00+01:00"), Some(0));
+        assert_eq!(parse_rfc3339("2000-03-01T00:00:00.123Z"), Some(951_868_800));
+        assert_eq!(
+            parse_rfc3339("2024-02-29T00:00:00Z").map(|s| s > 0),
+            Some(true)
+        );
+        for bad in [
+            "2023-02-29T00:00:00Z",
+            "2024-13-01T00:00:00Z",
+            "2024-01-01T00:00:00",
+            "2024-01-01T24:00:00Z",
+            "x",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn hostile_inputs_do_not_panic() {
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let bytes = GOOD.as_bytes();
+        for _ in 0..2000 {
+            let mut t = bytes.to_vec();
+            for _ in 0..4 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let pos = (seed as usize) % t.len();
+                t[pos] = (seed >> 32) as u8;
+            }
+            let _ = parse(&String::from_utf8_lossy(&t));
+        }
+        for cut in 0..GOOD.len() {
+            if GOOD.is_char_boundary(cut) {
+                let _ = parse(&GOOD[..cut]);
+            }
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! Image integrity without Apptainer (config `registry.verify`).
+//!
+//! `quick` (default): the file's size matches what the catalog (or srun's
+//! pin) says and its SIF structure is sound — a few KiB read, whatever the
+//! image size. `full`: also its sha256 against the catalog's. A node hashes
+//! an image once: the verified sum is cached in a root-owned directory under
+//! a key of device, inode, size, mtime and ctime, so a changed or replaced
+//! file misses the cache (USERS.md #2: verify once per node, not per task).
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+
+use crate::config::VerifyLevel;
+use crate::registry::Pin;
+use crate::secure;
+use crate::sif::{self, SifError};
+
+#[derive(Debug)]
+pub enum IntegrityError {
+    Open {
+        path: PathBuf,
+        source: io::Error,
+    },
+    Size {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    Structure {
+        path: PathBuf,
+        source: SifError,
+    },
+    NoChecksum {
+        path: PathBuf,
+        image: String,
+    },
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+}
+
+impl fmt::Display for IntegrityError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IntegrityError::Open { path, source } => {
+                write!(f, "cannot read image {}: {source}", path.display())
+            }
+            IntegrityError::Size {
+                path,
+                expected,
+                actual,
+            } => write!(
+                f,
+                "image {} is {actual} bytes, the catalog says {expected}: truncated or replaced; \
+                 re-copy it or update the catalog with 'ml-container add'",
+                path.display()
+            ),
+            IntegrityError::Structure { path, source } => {
+                write!(
+                    f,
+                    "image {} is not a sound SIF file: {source}",
+                    path.display()
+                )
+            }
+            IntegrityError::NoChecksum { path, image } => write!(
+                f,
+                "verify = \"full\" but the catalog has no sha256 for {image} ({}): add one with \
+                 'ml-container add'",
+                path.display()
+            ),
+            IntegrityError::Checksum {
+                path,
+                expected,
+                actual,
+            } => write!(
+                f,
+                "image {} has sha256 {actual}, the catalog says {expected}: the file is \
+                 corrupted or was replaced; re-copy it",
+                path.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for IntegrityError {}
+
+/// What a verification did, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verified {
+    Quick,
+    /// Hashed now, taking this many milliseconds.
+    Hashed {
+        millis: u128,
+    },
+    /// The cache already held this file's verified sum.
+    Cached,
+}
+
+/// Size and structure.
+pub fn quick(path: &Path, expected_size: Option<u64>) -> Result<(), IntegrityError> {
+    let meta = fs::metadata(path).map_err(|source| IntegrityError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if let Some(expected) = expected_size {
+        if meta.len() != expected {
+            return Err(IntegrityError::Size {
+                path: path.to_path_buf(),
+                expected,
+                actual: meta.len(),
+            });
+        }
+    }
+    sif::inspect_path(path).map_err(|source| IntegrityError::Structure {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// Verifies a resolved image at `level`. `cache_dir` is used (and created)
+/// only when this process may write it (root on a node).
+pub fn verify(
+    pin: &Pin,
+    level: VerifyLevel,
+    cache_dir: Option<&Path>,
+) -> Result<Verified, IntegrityError> {
+    quick(&pin.path, pin.catalog_size.or(Some(pin.size)))?;
+    if level == VerifyLevel::Quick {
+        return Ok(Verified::Quick);
+    }
+    let Some(expected) = pin.sha256.as_deref() else {
+        return Err(IntegrityError::NoChecksum {
+            path: pin.path.clone(),
+            image: pin.display_name(),
+        });
+    };
+    let file = File::open(&pin.path).map_err(|source| IntegrityError::Open {
+        path: pin.path.clone(),
+        source,
+    })?;
+    let meta = file.metadata().map_err(|source| IntegrityError::Open {
+        path: pin.path.clone(),
+        source,
+    })?;
+    let key = cache_key(&meta);
+    if let Some(dir) = cache_dir {
+        if cached_sum(dir, &key).as_deref() == Some(expected) {
+            return Ok(Verified::Cached);
+        }
+    }
+    let start = Instant::now();
+    let actual = sha256_reader(file).map_err(|source| IntegrityError::Open {
+        path: pin.path.clone(),
+        source,
+    })?;
+    if actual != expected {
+        return Err(IntegrityError::Checksum {
+            path: pin.path.clone(),
+            expected: expected.to_string(),
+            actual,
+        });
+    }
+    if let Some(dir) = cache_dir {
+        if let Err(e) = store_sum(dir, &key, &actual) {
+            log::warn!(
+                "cannot cache the sha256 of {} in {}: {e}",
+                pin.path.display(),
+                dir.display()
+            );
+        }
+    }
+    Ok(Verified::Hashed {
+        millis: start.elapsed().as_millis(),
+    })
+}
+
+/// The cache key: any change to the file (rewrite, replace, touch, chmod)
+/// changes at least one of these.
+fn cache_key(m: &fs::Metadata) -> String {
+    format!(
+        "{}-{}-{}-{}.{}-{}.{}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    )
+}
+
+fn cached_sum(dir: &Path, key: &str) -> Option<String> {
+    let path = dir.join(key);
+    // Only trust entries root wrote: a regular file, owned by root, not
+    // writable by others, in a root-owned directory.
+    secure::check_trusted_file(&path, &[0]).ok()?;
+    let text = fs::read_to_string(&path).ok()?;
+    let sum = text.trim();
+    (sum.len() == 64).then(|| sum.to_string())
+}
+
+fn store_sum(dir: &Path, key: &str, sum: &str) -> io::Result<()> {
+    secure::ensure_private_dir(dir, 0o755, 0)?;
+    let tmp = dir.join(format!(".{key}.{}", std::process::id()));
+    let mut f = secure::create_nofollow(&tmp, 0o644)?;
+    f.write_all(sum.as_bytes())?;
+    f.sync_all()?;
+    fs::rename(&tmp, dir.join(key))
+}
+
+/// Streams a reader through SHA-256; lowercase hex.
+pub fn sha256_reader<R: Read>(mut r: R) -> io::Result<String> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+pub fn sha256_file(path: &Path) -> io::Result<String> {
+    sha256_reader(File::open(path)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_known_values() {
+        assert_eq!(
+            sha256_reader(&b""[..]).unwrap(),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(
+            sha256_reader(&b"abc"[..]).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        let big = vec![b'a'; 3 << 20];
+        assert_eq!(sha256_reader(&big[..]).unwrap().len(), 64);
+    }
+}

@@ -1,0 +1,691 @@
+//! Image resolution: what `--ml-container=IMAGE` means (SPEC "Registry").
+//!
+//! In order: an absolute path (only inside the allowed directories, checked
+//! after canonicalisation so `..` and symlinks cannot escape); `name:tag`
+//! in the catalog; an alias (including registry references such as
+//! `nvcr.io/nvidia/pytorch:24.01-py3`); a bare `name` (its default tag, else
+//! the newest `added`); `<name>.sif` in the search directories. Anything
+//! else is an error that lists the closest names.
+//!
+//! srun resolves once and sends the result to the nodes as a [`Pin`] (path,
+//! size, sha256) in the job environment, so every node runs the same file
+//! even if the catalog changes during the launch.
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{self, Catalog, CatalogError};
+use crate::config::RegistryConfig;
+use crate::secure::{self, TrustError};
+
+/// The job environment variable that carries srun's resolution to the nodes.
+pub const PIN_ENV: &str = "ML_CONTAINER_PIN";
+/// How many close names an "unknown image" error lists.
+pub const SUGGESTIONS: usize = 5;
+
+#[derive(Debug)]
+pub enum RegistryError {
+    /// The registry root is not there (or not readable) in this process.
+    Unavailable {
+        root: PathBuf,
+        source: io::Error,
+    },
+    Catalog(CatalogError),
+    CatalogRead {
+        path: PathBuf,
+        source: io::Error,
+    },
+    CatalogTooLarge {
+        path: PathBuf,
+        size: u64,
+    },
+    Untrusted(TrustError),
+    UnknownOwner {
+        owner: String,
+    },
+    BadReference {
+        reference: String,
+        reason: &'static str,
+    },
+    Unknown {
+        reference: String,
+        suggestions: Vec<String>,
+    },
+    Outside {
+        reference: String,
+        resolved: PathBuf,
+        allowed: Vec<PathBuf>,
+    },
+    Missing {
+        reference: String,
+        path: PathBuf,
+        source: io::Error,
+    },
+    NotFile {
+        reference: String,
+        path: PathBuf,
+    },
+    PinChanged {
+        path: PathBuf,
+        what: String,
+    },
+    BadPin {
+        reason: String,
+    },
+}
+
+impl fmt::Display for RegistryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RegistryError::Unavailable { root, source } => write!(
+                f,
+                "the image registry {} is not available here: {source}",
+                root.display()
+            ),
+            RegistryError::Catalog(e) => write!(f, "{e}"),
+            RegistryError::CatalogRead { path, source } => {
+                write!(f, "cannot read the catalog {}: {source}", path.display())
+            }
+            RegistryError::CatalogTooLarge { path, size } => write!(
+                f,
+                "the catalog {} is {size} bytes, over the {} limit",
+                path.display(),
+                catalog::MAX_CATALOG_BYTES
+            ),
+            RegistryError::Untrusted(e) => write!(f, "refusing the catalog: {e}"),
+            RegistryError::UnknownOwner { owner } => write!(
+                f,
+                "registry.owner = '{owner}' is not a known user: fix it in the site config"
+            ),
+            RegistryError::BadReference { reference, reason } => write!(
+                f,
+                "invalid image '{}': {reason}; use NAME, NAME:TAG, a catalog reference or an \
+                 absolute path to a .sif",
+                reference.escape_default()
+            ),
+            RegistryError::Unknown {
+                reference,
+                suggestions,
+            } => {
+                write!(f, "unknown image '{reference}'")?;
+                if !suggestions.is_empty() {
+                    write!(f, "; closest: {}", suggestions.join(", "))?;
+                }
+                write!(f, "; 'ml-container list' shows every image")
+            }
+            RegistryError::Outside {
+                reference,
+                resolved,
+                allowed,
+            } => write!(
+                f,
+                "image '{reference}' resolves to {}, outside the allowed image directories ({}): \
+                 copy the image there or ask the admins to allow its directory",
+                resolved.display(),
+                allowed
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            RegistryError::Missing {
+                reference,
+                path,
+                source,
+            } => write!(
+                f,
+                "image '{reference}': {} cannot be used: {source} (is the catalog stale? \
+                 'ml-container verify' checks it)",
+                path.display()
+            ),
+            RegistryError::NotFile { reference, path } => write!(
+                f,
+                "image '{reference}': {} is not a regular file",
+                path.display()
+            ),
+            RegistryError::PinChanged { path, what } => write!(
+                f,
+                "image {} changed after srun chose it ({what}): every node must run the same \
+                 image, so the step is stopped; submit it again",
+                path.display()
+            ),
+            RegistryError::BadPin { reason } => write!(
+                f,
+                "the image choice srun passed in {PIN_ENV} is invalid ({reason}); do not set \
+                 {PIN_ENV} yourself"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RegistryError {}
+
+/// How a reference was resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Catalog,
+    Alias,
+    Scan,
+    Path,
+}
+
+/// A resolved image, also what srun pins for the nodes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pin {
+    /// What the user typed.
+    pub reference: String,
+    pub source: Source,
+    pub name: Option<String>,
+    pub tag: Option<String>,
+    /// Canonical path of the image file.
+    pub path: PathBuf,
+    /// The file's size when resolved.
+    pub size: u64,
+    /// The size the catalog records, if any.
+    pub catalog_size: Option<u64>,
+    pub sha256: Option<String>,
+}
+
+impl Pin {
+    /// The pin as an environment value (TOML text; Slurm carries any bytes
+    /// but NUL, and a value with newlines is fine).
+    pub fn encode(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    pub fn decode(text: &str) -> Result<Pin, RegistryError> {
+        let pin: Pin = toml::from_str(text).map_err(|e| RegistryError::BadPin {
+            reason: e.message().to_string(),
+        })?;
+        if !pin.path.is_absolute() {
+            return Err(RegistryError::BadPin {
+                reason: "relative path".to_string(),
+            });
+        }
+        Ok(pin)
+    }
+
+    /// `name:tag` when known, else the reference.
+    pub fn display_name(&self) -> String {
+        match (&self.name, &self.tag) {
+            (Some(n), Some(t)) => format!("{n}:{t}"),
+            _ => self.reference.clone(),
+        }
+    }
+}
+
+/// The registry as seen from this process.
+#[derive(Debug)]
+pub struct Registry<'a> {
+    cfg: &'a RegistryConfig,
+    root: PathBuf,
+    catalog: Catalog,
+}
+
+impl<'a> Registry<'a> {
+    /// Opens the registry: the root must be there; the catalog is optional
+    /// but, when present, must be trusted and well-formed.
+    pub fn open(cfg: &'a RegistryConfig) -> Result<Registry<'a>, RegistryError> {
+        let root =
+            fs::canonicalize(cfg.root.as_path()).map_err(|source| RegistryError::Unavailable {
+                root: cfg.root.0.clone(),
+                source,
+            })?;
+        let catalog_path = root.join(catalog::CATALOG_PATH);
+        let catalog = match fs::symlink_metadata(&catalog_path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Catalog::default(),
+            _ => load_catalog(&catalog_path, &trusted_uids(cfg)?)?,
+        };
+        Ok(Registry { cfg, root, catalog })
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Resolves what the user typed to one image file.
+    pub fn resolve(&self, reference: &str) -> Result<Pin, RegistryError> {
+        let bad = |reason| RegistryError::BadReference {
+            reference: reference.to_string(),
+            reason,
+        };
+        if reference.is_empty() {
+            return Err(bad("empty"));
+        }
+        if reference
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(bad("white space or control characters"));
+        }
+        if reference.starts_with('/') {
+            if !reference.ends_with(".sif") {
+                return Err(bad("an absolute image path must name a .sif file"));
+            }
+            return self.pin_file(reference, Source::Path, None, Path::new(reference));
+        }
+        if reference.starts_with('.') || reference.split('/').any(|c| c == "..") {
+            return Err(bad("relative paths are not image names"));
+        }
+        if let Some((name, tag)) = reference.rsplit_once(':') {
+            if let Some(im) = self.catalog.get(name, tag) {
+                return self.pin_file(reference, Source::Catalog, Some(im), &im.path);
+            }
+        }
+        if let Some(im) = self.catalog.by_alias(reference) {
+            return self.pin_file(reference, Source::Alias, Some(im), &im.path);
+        }
+        if !reference.contains(':') {
+            if let Some(im) = self.catalog.default_for(reference) {
+                return self.pin_file(reference, Source::Catalog, Some(im), &im.path);
+            }
+            if catalog::valid_name(reference) && !reference.contains('/') {
+                for dir in &self.cfg.search_dirs {
+                    let candidate = self.root.join(dir).join(format!("{reference}.sif"));
+                    if fs::symlink_metadata(&candidate).is_ok() {
+                        return self.pin_file(reference, Source::Scan, None, &candidate);
+                    }
+                }
+            }
+        }
+        Err(RegistryError::Unknown {
+            reference: reference.to_string(),
+            suggestions: self.closest(reference),
+        })
+    }
+
+    /// Directories an image of this source may live in, as configured:
+    /// the root (catalog and scan results), the allowed directories
+    /// (catalog entries and absolute paths; the root when none is set).
+    fn allowed_dirs(&self, source: Source) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = match source {
+            Source::Scan => Vec::new(),
+            _ => self.cfg.allowed_dirs.iter().map(|d| d.0.clone()).collect(),
+        };
+        if source != Source::Path || self.cfg.allowed_dirs.is_empty() {
+            dirs.push(self.cfg.root.0.clone());
+        }
+        dirs
+    }
+
+    fn pin_file(
+        &self,
+        reference: &str,
+        source: Source,
+        entry: Option<&catalog::Image>,
+        path: &Path,
+    ) -> Result<Pin, RegistryError> {
+        let joined = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.root.join(path)
+        };
+        let configured = self.allowed_dirs(source);
+        let allowed: Vec<PathBuf> = configured
+            .iter()
+            .filter_map(|d| fs::canonicalize(d).ok())
+            .collect();
+        let outside = |resolved: PathBuf| RegistryError::Outside {
+            reference: reference.to_string(),
+            resolved,
+            allowed: configured.clone(),
+        };
+        // Lexical check first, so a path outside is refused as such even
+        // when it does not exist (configured names count too, for a root
+        // that is itself a symlink); then the real path, after symlinks.
+        let lexical = normalize(&joined);
+        if !configured
+            .iter()
+            .chain(&allowed)
+            .any(|d| lexical.starts_with(d))
+        {
+            return Err(outside(lexical));
+        }
+        let real = fs::canonicalize(&joined).map_err(|source| RegistryError::Missing {
+            reference: reference.to_string(),
+            path: joined.clone(),
+            source,
+        })?;
+        if !allowed.iter().any(|d| real.starts_with(d)) {
+            return Err(outside(real));
+        }
+        let meta = fs::metadata(&real).map_err(|source| RegistryError::Missing {
+            reference: reference.to_string(),
+            path: real.clone(),
+            source,
+        })?;
+        if !meta.is_file() {
+            return Err(RegistryError::NotFile {
+                reference: reference.to_string(),
+                path: real,
+            });
+        }
+        Ok(Pin {
+            reference: reference.to_string(),
+            source,
+            name: entry.map(|e| e.name.clone()),
+            tag: entry.map(|e| e.tag.clone()),
+            path: real,
+            size: meta.len(),
+            catalog_size: entry.and_then(|e| e.size),
+            sha256: entry.and_then(|e| e.sha256.clone()),
+        })
+    }
+
+    /// Up to [`SUGGESTIONS`] known references closest to `reference`.
+    pub fn closest(&self, reference: &str) -> Vec<String> {
+        let mut scored: Vec<(usize, String)> = self
+            .catalog
+            .references()
+            .chain(self.scanned_names())
+            .map(|r| (edit_distance(reference, &r), r))
+            .collect();
+        scored.sort();
+        scored.dedup_by(|a, b| a.1 == b.1);
+        scored
+            .into_iter()
+            .take(SUGGESTIONS)
+            .map(|(_, r)| r)
+            .collect()
+    }
+
+    /// `<name>` of every `<name>.sif` in the search directories.
+    pub fn scanned_names(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for dir in &self.cfg.search_dirs {
+            let Ok(entries) = fs::read_dir(self.root.join(dir)) else {
+                continue;
+            };
+            for e in entries.flatten().take(10_000) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(stem) = name.strip_suffix(".sif") {
+                    out.push(stem.to_string());
+                }
+            }
+        }
+        out
+    }
+
+    /// On a node: the pinned file must still be inside the allowed
+    /// directories, at the same canonical path, with the same size.
+    pub fn check_pin(&self, pin: &Pin) -> Result<(), RegistryError> {
+        let now = self.pin_file(&pin.reference, pin.source, None, &pin.path)?;
+        if now.path != pin.path {
+            return Err(RegistryError::PinChanged {
+                path: pin.path.clone(),
+                what: format!("it now resolves to {}", now.path.display()),
+            });
+        }
+        if now.size != pin.size {
+            return Err(RegistryError::PinChanged {
+                path: pin.path.clone(),
+                what: format!("size {} is now {}", pin.size, now.size),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn trusted_uids(cfg: &RegistryConfig) -> Result<Vec<u32>, RegistryError> {
+    let owner = cfg.owner.trim();
+    if owner == "root" || owner == "0" {
+        return Ok(vec![0]);
+    }
+    let uid = match owner.parse::<u32>() {
+        Ok(uid) => uid,
+        Err(_) => nix::unistd::User::from_name(owner)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw())
+            .ok_or_else(|| RegistryError::UnknownOwner {
+                owner: owner.to_string(),
+            })?,
+    };
+    Ok(vec![0, uid])
+}
+
+/// Reads and parses a catalog after the trust check.
+pub fn load_catalog(path: &Path, trusted: &[u32]) -> Result<Catalog, RegistryError> {
+    let meta = secure::check_trusted_file(path, trusted).map_err(RegistryError::Untrusted)?;
+    if meta.size() > catalog::MAX_CATALOG_BYTES {
+        return Err(RegistryError::CatalogTooLarge {
+            path: path.to_path_buf(),
+            size: meta.size(),
+        });
+    }
+    let text = fs::read_to_string(path).map_err(|source| RegistryError::CatalogRead {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Catalog::parse(path, &text).map_err(RegistryError::Catalog)
+}
+
+/// `a/./b/../c` -> `a/c`, without touching the file system.
+pub fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Levenshtein distance, bounded work for long inputs.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().take(256).collect();
+    let b: Vec<char> = b.chars().take(256).collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
+    for (i, ca) in a.iter().enumerate() {
+        cur[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AbsPath;
+
+    struct Fixture {
+        dir: PathBuf,
+        cfg: RegistryConfig,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn fixture(name: &str, catalog: &str) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("mlc-reg-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let root = dir.join("containers");
+        for d in ["ml-frameworks", "custom-images", "base-images", ".registry"] {
+            fs::create_dir_all(root.join(d)).unwrap();
+        }
+        fs::write(root.join("ml-frameworks/pytorch-2.1.sif"), "a").unwrap();
+        fs::write(root.join("ml-frameworks/pytorch-2.2.sif"), "bb").unwrap();
+        fs::write(root.join("custom-images/scanned.sif"), "ccc").unwrap();
+        fs::create_dir_all(dir.join("outside")).unwrap();
+        fs::write(dir.join("outside/evil.sif"), "x").unwrap();
+        std::os::unix::fs::symlink(
+            dir.join("outside/evil.sif"),
+            root.join("base-images/escape.sif"),
+        )
+        .unwrap();
+        fs::write(root.join(".registry/catalog.toml"), catalog).unwrap();
+        // Temp dirs are world-writable-sticky parents; make ours strict.
+        use std::os::unix::fs::PermissionsExt;
+        for d in [&dir, &root, &root.join(".registry")] {
+            fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let cfg = RegistryConfig {
+            root: AbsPath(root),
+            owner: nix::unistd::getuid().as_raw().to_string(),
+            ..RegistryConfig::default()
+        };
+        Fixture { dir, cfg }
+    }
+
+    const CATALOG: &str = r#"version = 1
+[[image]]
+name = "pytorch"
+tag = "2.1"
+path = "ml-frameworks/pytorch-2.1.sif"
+aliases = ["nvcr.io/nvidia/pytorch:24.01-py3"]
+size = 1
+[[image]]
+name = "pytorch"
+tag = "2.2"
+path = "ml-frameworks/pytorch-2.2.sif"
+default = true
+[[image]]
+name = "gone"
+tag = "1"
+path = "ml-frameworks/gone.sif"
+[[image]]
+name = "sneaky"
+tag = "1"
+path = "base-images/escape.sif"
+"#;
+
+    #[test]
+    fn resolution_order() {
+        let f = fixture("order", CATALOG);
+        let r = Registry::open(&f.cfg).unwrap();
+        let p = r.resolve("pytorch").unwrap();
+        assert_eq!(
+            (p.tag.as_deref(), p.size, p.source),
+            (Some("2.2"), 2, Source::Catalog)
+        );
+        let p = r.resolve("pytorch:2.1").unwrap();
+        assert_eq!((p.tag.as_deref(), p.catalog_size), (Some("2.1"), Some(1)));
+        let p = r.resolve("nvcr.io/nvidia/pytorch:24.01-py3").unwrap();
+        assert_eq!((p.tag.as_deref(), p.source), (Some("2.1"), Source::Alias));
+        let p = r.resolve("scanned").unwrap();
+        assert_eq!((p.source, p.size), (Source::Scan, 3));
+        let abs = f.cfg.root.0.join("ml-frameworks/pytorch-2.1.sif");
+        let p = r.resolve(abs.to_str().unwrap()).unwrap();
+        assert_eq!(p.source, Source::Path);
+        assert!(p.path.ends_with("ml-frameworks/pytorch-2.1.sif"));
+    }
+
+    #[test]
+    fn escapes_are_refused() {
+        let f = fixture("escape", CATALOG);
+        let r = Registry::open(&f.cfg).unwrap();
+        let outside = f.dir.join("outside/evil.sif");
+        assert!(matches!(
+            r.resolve(outside.to_str().unwrap()),
+            Err(RegistryError::Outside { .. })
+        ));
+        let dotdot = format!("{}/../outside/evil.sif", f.cfg.root.0.display());
+        assert!(matches!(
+            r.resolve(&dotdot),
+            Err(RegistryError::Outside { .. })
+        ));
+        // A symlink inside the registry that points outside it.
+        assert!(matches!(
+            r.resolve("sneaky:1"),
+            Err(RegistryError::Outside { .. })
+        ));
+        assert!(matches!(
+            r.resolve("escape"),
+            Err(RegistryError::Outside { .. })
+        ));
+        assert!(matches!(
+            r.resolve("/etc/passwd"),
+            Err(RegistryError::BadReference { .. })
+        ));
+        assert!(matches!(
+            r.resolve("../x"),
+            Err(RegistryError::BadReference { .. })
+        ));
+        assert!(matches!(
+            r.resolve("gone:1"),
+            Err(RegistryError::Missing { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_lists_closest() {
+        let f = fixture("unknown", CATALOG);
+        let r = Registry::open(&f.cfg).unwrap();
+        let e = r.resolve("pytorh").unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("unknown image 'pytorh'; closest: pytorch"),
+            "{msg}"
+        );
+        assert!(msg.contains("ml-container list"), "{msg}");
+        if let RegistryError::Unknown { suggestions, .. } = e {
+            assert!(suggestions.len() <= SUGGESTIONS);
+        }
+        assert!(matches!(
+            r.resolve("pytorch:9.9"),
+            Err(RegistryError::Unknown { .. })
+        ));
+    }
+
+    #[test]
+    fn untrusted_catalog_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let f = fixture("trust", CATALOG);
+        let cat = f.cfg.root.0.join(".registry/catalog.toml");
+        fs::set_permissions(&cat, fs::Permissions::from_mode(0o666)).unwrap();
+        let e = Registry::open(&f.cfg).unwrap_err().to_string();
+        assert!(e.contains("writable by group or others"), "{e}");
+    }
+
+    #[test]
+    fn pin_round_trip_and_check() {
+        let f = fixture("pin", CATALOG);
+        let r = Registry::open(&f.cfg).unwrap();
+        let pin = r.resolve("pytorch:2.1").unwrap();
+        let back = Pin::decode(&pin.encode()).unwrap();
+        assert_eq!(back, pin);
+        r.check_pin(&pin).unwrap();
+        fs::write(&pin.path, "changed").unwrap();
+        assert!(matches!(
+            r.check_pin(&pin),
+            Err(RegistryError::PinChanged { .. })
+        ));
+        fs::remove_file(&pin.path).unwrap();
+        assert!(matches!(
+            r.check_pin(&pin),
+            Err(RegistryError::Missing { .. })
+        ));
+        assert!(Pin::decode("path = 3").is_err());
+    }
+
+    #[test]
+    fn helpers() {
+        assert_eq!(normalize(Path::new("/a/./b/../c")), PathBuf::from("/a/c"));
+        assert_eq!(normalize(Path::new("/../..")), PathBuf::from("/"));
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
+}

@@ -1,0 +1,39 @@
+//! The acceptance scenarios, one module per issue.
+
+pub mod foundation;
+pub mod registry;
+
+/// Instantiates scenarios for both Slurm releases.
+#[macro_export]
+macro_rules! on_both_slurms {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use super::*;
+                #[test]
+                fn slurm_22_05() {
+                    super::$name(Slurm::V22_05)
+                }
+                #[test]
+                fn slurm_24_11() {
+                    super::$name(Slurm::V24_11)
+                }
+            }
+        )*
+    };
+}
+
+/// Instantiates scenarios for Slurm 24.11 only (they need Apptainer).
+#[macro_export]
+macro_rules! on_slurm_24_11 {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                fn slurm_24_11() {
+                    super::$name()
+                }
+            }
+        )*
+    };
+}
