@@ -10,6 +10,7 @@
 
 pub mod catalog;
 pub mod config;
+pub mod distenv;
 pub mod hostlist;
 pub mod integrity;
 pub mod options;

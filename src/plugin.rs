@@ -11,7 +11,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use crate::config::{ConfigError, PlugstackArgs, SiteConfig};
+use crate::config::{ConfigError, PlugstackArgs, RuntimeKind, SiteConfig};
+use crate::distenv::{self, DistError, TaskFacts, BATCH_STEP};
 use crate::integrity::{self, IntegrityError, Verified};
 use crate::options::{OptionError, OptionId, OptionSpec, UserOptions, OPTIONS};
 use crate::registry::{Pin, Registry, RegistryError, PIN_ENV};
@@ -77,6 +78,8 @@ pub trait Host {
     /// Sets (or with `None` removes) a variable in srun's own environment,
     /// which srun hands to the step's tasks.
     fn set_local_env(&mut self, name: &str, value: Option<&str>);
+    /// Sets a variable in the job's (task's) environment, overwriting.
+    fn set_job_env(&mut self, name: &str, value: &str) -> Result<(), HostError>;
     /// Prepends to the task's argv (task context, Slurm >= 23.11).
     fn prepend_argv(&mut self, argv: &[String]) -> Result<(), HostError>;
 }
@@ -120,6 +123,12 @@ impl fmt::Display for PluginError {
 impl From<OptionError> for PluginError {
     fn from(e: OptionError) -> Self {
         PluginError::Option(e)
+    }
+}
+
+impl From<DistError> for PluginError {
+    fn from(e: DistError) -> Self {
+        PluginError::Node(format!("distributed environment: {e}"))
     }
 }
 
@@ -365,6 +374,75 @@ fn prepare_on_node(
     Ok((pin, runtime))
 }
 
+/// The prefix that makes Apptainer/Singularity put a variable into the
+/// container over the image's own `%environment` (Apptainer docs,
+/// "Environment and Metadata": APPTAINERENV_ beats both).
+fn runtime_env_prefix(kind: RuntimeKind) -> Option<&'static str> {
+    match kind {
+        RuntimeKind::Apptainer => Some("APPTAINERENV_"),
+        RuntimeKind::Singularity => Some("SINGULARITYENV_"),
+        RuntimeKind::Charliecloud => None,
+    }
+}
+
+/// Sets the contract for this task: each variable the user has not set,
+/// and, so that the image's `%environment` cannot override it, the
+/// runtime's prefixed copy of the value in effect (the user's or ours).
+fn set_task_env(host: &mut dyn Host, config: &SiteConfig) -> Result<(), PluginError> {
+    let facts = TaskFacts::from_env(&|k| host.getenv(k))?;
+    let vars = distenv::contract(config, &facts)?;
+    let prefix = runtime_env_prefix(config.runtime.kind);
+    let mut effective = Vec::with_capacity(vars.len());
+    let ours = distenv::to_set(vars.clone(), &|k| host.getenv(k));
+    for (k, v) in vars {
+        let value = if ours.iter().any(|(ok, _)| *ok == k) {
+            host.set_job_env(&k, &v)?;
+            v
+        } else {
+            host.getenv(&k).unwrap_or(v)
+        };
+        effective.push((k, value));
+    }
+    if let Some(prefix) = prefix {
+        for (k, v) in &effective {
+            let name = format!("{prefix}{k}");
+            if host.getenv(&name).is_none() {
+                host.set_job_env(&name, v)?;
+            }
+        }
+    }
+    log::debug!(
+        "rank {}: {}",
+        facts.rank,
+        effective
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    Ok(())
+}
+
+/// The batch script: MASTER_ADDR/MASTER_PORT of the job, recorded as ours
+/// so that the script's srun steps compute their own.
+fn set_batch_env(host: &mut dyn Host, config: &SiteConfig) -> Result<(), PluginError> {
+    let job_id = host.job_id().unwrap_or(0);
+    let nodes = host
+        .getenv("SLURM_JOB_NODELIST")
+        .ok_or(DistError::Missing {
+            var: "SLURM_JOB_NODELIST",
+        })?;
+    let vars = distenv::batch_contract(config, job_id, &nodes)?;
+    let set = distenv::to_set(vars, &|k| host.getenv(k));
+    for (k, v) in &set {
+        host.set_job_env(k, v)?;
+    }
+    if !set.is_empty() {
+        host.set_job_env(distenv::OWNED_ENV, &distenv::owned_record(&set))?;
+    }
+    Ok(())
+}
+
 const RUNTIME_DIRS: &[&str] = &["/usr/local/bin", "/usr/bin", "/bin"];
 
 fn runtime_name(config: &SiteConfig) -> &'static str {
@@ -392,8 +470,9 @@ fn hostname() -> String {
 }
 
 /// `slurm_spank_task_init`: in each task, as the user. Problems found in
-/// slurmstepd are reported here, where the user's stderr is; then the task
-/// is wrapped in `<runtime> exec IMAGE`.
+/// slurmstepd are reported here, where the user's stderr is; then the
+/// distributed environment is set and the task is wrapped in
+/// `<runtime> exec IMAGE`. A batch script only gets MASTER_ADDR/MASTER_PORT.
 pub fn task_init(host: &mut dyn Host) -> Result<(), PluginError> {
     fault_injection(host, "task_init");
     let st = state();
@@ -403,9 +482,22 @@ pub fn task_init(host: &mut dyn Host) -> Result<(), PluginError> {
     if let Some(e) = &st.deferred {
         return Err(PluginError::Node(e.clone()));
     }
+    let Some(Ok(config)) = &st.config else {
+        return Ok(());
+    };
+    let dist = st.options.dist.unwrap_or(config.distributed.enabled);
+    if host.step_id() == Some(BATCH_STEP) {
+        if dist {
+            set_batch_env(host, config)?;
+        }
+        return Ok(());
+    }
     let Some((pin, runtime)) = &st.plan else {
         return Ok(());
     };
+    if dist {
+        set_task_env(host, config)?;
+    }
     let argv = vec![
         runtime.to_string_lossy().into_owned(),
         "exec".to_string(),
@@ -496,6 +588,10 @@ mod tests {
         }
         fn prepend_argv(&mut self, _: &[String]) -> Result<(), HostError> {
             Err(HostError::Unsupported("test"))
+        }
+        fn set_job_env(&mut self, name: &str, value: &str) -> Result<(), HostError> {
+            self.env.insert(name.to_string(), value.to_string());
+            Ok(())
         }
     }
 

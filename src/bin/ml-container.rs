@@ -4,11 +4,15 @@
 use std::process::ExitCode;
 
 use slurm_ml_container::config::{PlugstackArgs, SiteConfig};
+use slurm_ml_container::distenv;
 
 const USAGE: &str = "usage: ml-container <command> [args]
 
 commands:
   config [--config PATH]   check the site config and print it as loaded
+  env [--task N] [--config PATH]
+                           print, as export lines, the distributed environment
+                           the plugin sets, from the SLURM_* variables here
   version                  print the version and the Slurm it was built for
   help                     this text
 ";
@@ -25,6 +29,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some("config") => config(&args[1..]),
+        Some("env") => env(&args[1..]),
         Some("help") | Some("--help") | Some("-h") => {
             print!("{USAGE}");
             ExitCode::SUCCESS
@@ -66,6 +71,53 @@ fn config(args: &[String]) -> ExitCode {
         },
         Err(e) => {
             eprintln!("ml-container config: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `ml-container env [--task N] [--config PATH]`: the variables the plugin
+/// would set for this task (or task N), as `export` lines; for debugging
+/// and for batch scripts.
+fn env(args: &[String]) -> ExitCode {
+    const USAGE: &str = "usage: ml-container env [--task N] [--config PATH]";
+    let mut plug = Vec::new();
+    let mut task = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match (a.as_str(), it.next()) {
+            ("--config", Some(p)) => plug.push(format!("config={p}")),
+            ("--task", Some(n)) => match n.parse::<u32>() {
+                Ok(n) => task = Some(n),
+                Err(_) => {
+                    eprintln!("ml-container env: --task takes a task number, got '{n}'");
+                    return ExitCode::from(2);
+                }
+            },
+            _ => {
+                eprintln!("ml-container env: {USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let cfg = match PlugstackArgs::parse(&plug).and_then(|a| SiteConfig::load(&a)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ml-container env: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let get = |k: &str| std::env::var(k).ok();
+    let vars = distenv::facts_for(&get, task).and_then(|f| distenv::contract(&cfg, &f));
+    match vars {
+        Ok(vars) => {
+            for (k, v) in vars {
+                println!("{}", distenv::shell_export(&k, &v));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ml-container env: {e}");
             ExitCode::from(1)
         }
     }

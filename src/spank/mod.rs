@@ -131,6 +131,24 @@ impl Host for SpankHost {
         }
     }
 
+    fn set_job_env(&mut self, name: &str, value: &str) -> Result<(), HostError> {
+        let cname = to_cstring(name)?;
+        let cvalue = to_cstring(value)?;
+        // SAFETY: both are valid C strings for the duration of the call;
+        // spank_setenv copies them into the job environment (spank.h).
+        let rc = unsafe { sys::spank_setenv(self.sp, cname.as_ptr(), cvalue.as_ptr(), 1) };
+        if rc == sys::ESPANK_SUCCESS {
+            Ok(())
+        } else {
+            Err(HostError::Spank {
+                call: "spank_setenv",
+                what: name.to_string(),
+                code: rc,
+                message: strerror(rc),
+            })
+        }
+    }
+
     #[cfg(has_prepend_task_argv)]
     fn prepend_argv(&mut self, argv: &[String]) -> Result<(), HostError> {
         let owned: Vec<CString> = argv

@@ -255,11 +255,19 @@ pub fn images(markers: &[&str]) -> HashMap<String, PathBuf> {
             },
         );
         for m in &missing {
+            // An image whose %environment sets RANK=999, to prove the
+            // plugin's values win over the image's.
+            let extra = if *m == "rank999" {
+                "mkdir -p $d/.singularity.d/env && \
+                 echo 'export RANK=999 MASTER_PORT=1' > $d/.singularity.d/env/90-environment.sh &&"
+            } else {
+                ""
+            };
             let script = format!(
                 "set -e; d=/tmp/sb-{m}; rm -rf $d; mkdir -p $d/bin $d/tmp $d/home $d/etc; \
                  cp /bin/busybox $d/bin/; \
                  for c in sh cat echo ls true env sleep id hostname pwd touch kill; do ln -s busybox $d/bin/$c; done; \
-                 echo {m} > $d/MARKER; apptainer -s build /tmp/{m}.sif $d"
+                 echo {m} > $d/MARKER; {extra} apptainer -s build /tmp/{m}.sif $d"
             );
             c.run(1, &[], &["sh", "-c", &script]).assert_ok();
             fs::copy(

@@ -1,5 +1,6 @@
 //! The acceptance scenarios, one module per issue.
 
+pub mod distributed;
 pub mod foundation;
 pub mod registry;
 
