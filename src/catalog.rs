@@ -76,6 +76,69 @@ impl fmt::Display for CatalogError {
 
 impl std::error::Error for CatalogError {}
 
+/// `.registry/config.toml`: settings the registry's owner controls, next
+/// to the catalog they describe. Optional; strict like the catalog.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrySettings {
+    #[serde(default = "one")]
+    version: i64,
+    /// Replaces the site config's `registry.search_dirs` for this registry.
+    pub search_dirs: Option<Vec<SearchDir>>,
+    /// A floor: `full` here makes every node hash this registry's images
+    /// even where the site config says `quick`.
+    pub verify: Option<crate::config::VerifyLevel>,
+}
+
+fn one() -> i64 {
+    1
+}
+
+/// A directory name under the registry root (no `/`, no `..`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SearchDir(pub String);
+
+impl<'de> Deserialize<'de> for SearchDir {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.is_empty() || s.contains('/') || s == "." || s == ".." || s.contains('\0') {
+            return Err(serde::de::Error::custom(format!(
+                "'{}' is not a directory name under the registry root",
+                s.escape_default()
+            )));
+        }
+        Ok(SearchDir(s))
+    }
+}
+
+impl RegistrySettings {
+    pub fn parse(path: &Path, text: &str) -> Result<RegistrySettings, CatalogError> {
+        let err = |line, message: String| CatalogError {
+            path: path.to_path_buf(),
+            line,
+            entry: String::new(),
+            message,
+        };
+        let s: RegistrySettings = toml::from_str(text).map_err(|e| {
+            let line = line_of(text, e.span().map_or(0, |s| s.start));
+            err(
+                line,
+                e.message().split_whitespace().collect::<Vec<_>>().join(" "),
+            )
+        })?;
+        if s.version != 1 {
+            return Err(err(
+                1,
+                format!(
+                    "unsupported registry config version {} (this plugin reads 1)",
+                    s.version
+                ),
+            ));
+        }
+        Ok(s)
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCatalog {
@@ -615,6 +678,36 @@ default = true
         let t = "version = 1\n[[image]]\nname = \"a\"\ntag = \"1\"\npath = \"a.sif\"\naliases = [\"x\"]\n\
                  [[image]]\nname = \"b\"\ntag = \"2\"\npath = \"b.sif\"\naliases = [\"x\"]\n";
         assert!(err(t).message.contains("also an alias"));
+    }
+
+    #[test]
+    fn registry_settings() {
+        let p = Path::new("/r/.registry/config.toml");
+        let s = RegistrySettings::parse(
+            p,
+            "version = 1\nsearch_dirs = [\"images\"]\nverify = \"full\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.search_dirs, Some(vec![SearchDir("images".into())]));
+        assert_eq!(s.verify, Some(crate::config::VerifyLevel::Full));
+        assert_eq!(
+            RegistrySettings::parse(p, "").unwrap(),
+            RegistrySettings {
+                version: 1,
+                ..Default::default()
+            }
+        );
+        for bad in [
+            "version = 2",
+            "search_dirs = [\"../x\"]",
+            "search_dirs = [\"a/b\"]",
+            "colour = 1",
+            "verify = \"never\"",
+        ] {
+            assert!(RegistrySettings::parse(p, bad).is_err(), "{bad} accepted");
+        }
+        let e = RegistrySettings::parse(p, "version = 1\n\nverify = 3\n").unwrap_err();
+        assert_eq!(e.line, 3);
     }
 
     #[test]

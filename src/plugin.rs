@@ -350,7 +350,7 @@ fn prepare_on_node(
     };
     let how = integrity::verify(
         &pin,
-        config.registry.verify,
+        registry.verify_level(),
         Some(config.registry.hash_cache.as_path()),
     )?;
     log::info!(

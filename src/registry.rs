@@ -20,8 +20,8 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::{self, Catalog, CatalogError};
-use crate::config::RegistryConfig;
+use crate::catalog::{self, Catalog, CatalogError, RegistrySettings};
+use crate::config::{RegistryConfig, VerifyLevel};
 use crate::secure::{self, TrustError};
 
 /// The job environment variable that carries srun's resolution to the nodes.
@@ -227,6 +227,7 @@ pub struct Registry<'a> {
     cfg: &'a RegistryConfig,
     root: PathBuf,
     catalog: Catalog,
+    settings: RegistrySettings,
 }
 
 impl<'a> Registry<'a> {
@@ -243,7 +244,37 @@ impl<'a> Registry<'a> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Catalog::default(),
             _ => load_catalog(&catalog_path, &trusted_uids(cfg)?)?,
         };
-        Ok(Registry { cfg, root, catalog })
+        let settings_path = root.join(catalog::REGISTRY_CONFIG_PATH);
+        let settings = match fs::symlink_metadata(&settings_path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => RegistrySettings::default(),
+            _ => {
+                let text = read_trusted(&settings_path, &trusted_uids(cfg)?)?;
+                RegistrySettings::parse(&settings_path, &text).map_err(RegistryError::Catalog)?
+            }
+        };
+        Ok(Registry {
+            cfg,
+            root,
+            catalog,
+            settings,
+        })
+    }
+
+    /// Directories scanned for `<name>.sif`: the registry's own setting,
+    /// else the site config's.
+    pub fn search_dirs(&self) -> Vec<&str> {
+        match &self.settings.search_dirs {
+            Some(dirs) => dirs.iter().map(|d| d.0.as_str()).collect(),
+            None => self.cfg.search_dirs.iter().map(String::as_str).collect(),
+        }
+    }
+
+    /// The verify level in force: the site's, raised to the registry's floor.
+    pub fn verify_level(&self) -> VerifyLevel {
+        match (self.cfg.verify, self.settings.verify) {
+            (VerifyLevel::Full, _) | (_, Some(VerifyLevel::Full)) => VerifyLevel::Full,
+            _ => VerifyLevel::Quick,
+        }
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -291,7 +322,7 @@ impl<'a> Registry<'a> {
                 return self.pin_file(reference, Source::Catalog, Some(im), &im.path);
             }
             if catalog::valid_name(reference) && !reference.contains('/') {
-                for dir in &self.cfg.search_dirs {
+                for dir in self.search_dirs() {
                     let candidate = self.root.join(dir).join(format!("{reference}.sif"));
                     if fs::symlink_metadata(&candidate).is_ok() {
                         return self.pin_file(reference, Source::Scan, None, &candidate);
@@ -403,7 +434,7 @@ impl<'a> Registry<'a> {
     /// `<name>` of every `<name>.sif` in the search directories.
     pub fn scanned_names(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for dir in &self.cfg.search_dirs {
+        for dir in self.search_dirs() {
             let Ok(entries) = fs::read_dir(self.root.join(dir)) else {
                 continue;
             };
@@ -457,6 +488,12 @@ fn trusted_uids(cfg: &RegistryConfig) -> Result<Vec<u32>, RegistryError> {
 
 /// Reads and parses a catalog after the trust check.
 pub fn load_catalog(path: &Path, trusted: &[u32]) -> Result<Catalog, RegistryError> {
+    let text = read_trusted(path, trusted)?;
+    Catalog::parse(path, &text).map_err(RegistryError::Catalog)
+}
+
+/// A registry metadata file, after the trust check and a size limit.
+fn read_trusted(path: &Path, trusted: &[u32]) -> Result<String, RegistryError> {
     let meta = secure::check_trusted_file(path, trusted).map_err(RegistryError::Untrusted)?;
     if meta.size() > catalog::MAX_CATALOG_BYTES {
         return Err(RegistryError::CatalogTooLarge {
@@ -464,11 +501,10 @@ pub fn load_catalog(path: &Path, trusted: &[u32]) -> Result<Catalog, RegistryErr
             size: meta.size(),
         });
     }
-    let text = fs::read_to_string(path).map_err(|source| RegistryError::CatalogRead {
+    fs::read_to_string(path).map_err(|source| RegistryError::CatalogRead {
         path: path.to_path_buf(),
         source,
-    })?;
-    Catalog::parse(path, &text).map_err(RegistryError::Catalog)
+    })
 }
 
 /// `a/./b/../c` -> `a/c`, without touching the file system.
@@ -679,6 +715,28 @@ path = "base-images/escape.sif"
             Err(RegistryError::Missing { .. })
         ));
         assert!(Pin::decode("path = 3").is_err());
+    }
+
+    #[test]
+    fn registry_settings_apply() {
+        let f = fixture("settings", CATALOG);
+        let r = Registry::open(&f.cfg).unwrap();
+        assert_eq!(r.verify_level(), VerifyLevel::Quick);
+        assert!(r.resolve("scanned").is_ok());
+        fs::write(
+            f.cfg.root.0.join(".registry/config.toml"),
+            "version = 1\nsearch_dirs = [\"base-images\"]\nverify = \"full\"\n",
+        )
+        .unwrap();
+        let r = Registry::open(&f.cfg).unwrap();
+        assert_eq!(r.verify_level(), VerifyLevel::Full);
+        assert!(matches!(
+            r.resolve("scanned"),
+            Err(RegistryError::Unknown { .. })
+        ));
+        fs::write(f.cfg.root.0.join(".registry/config.toml"), "verify = 1\n").unwrap();
+        let e = Registry::open(&f.cfg).unwrap_err().to_string();
+        assert!(e.contains("config.toml:1"), "{e}");
     }
 
     #[test]

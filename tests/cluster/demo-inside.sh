@@ -5,6 +5,7 @@ as_user() { runuser -u mluser -- env -C /home/mluser "$@"; }
 
 echo "demo: building a 1 MB busybox image with apptainer"
 as_user sh -c 'rm -rf /tmp/demo-sandbox && mkdir -p /tmp/demo-sandbox/bin &&
+    mkdir -p /tmp/demo-sandbox/etc && touch /tmp/demo-sandbox/etc/passwd /tmp/demo-sandbox/etc/group &&
     cp /bin/busybox /tmp/demo-sandbox/bin/ &&
     for c in sh echo hostname cat ls id; do ln -s busybox /tmp/demo-sandbox/bin/$c; done &&
     echo "this is the demo image" >/tmp/demo-sandbox/MARKER &&
@@ -12,7 +13,10 @@ as_user sh -c 'rm -rf /tmp/demo-sandbox && mkdir -p /tmp/demo-sandbox/bin &&
 mkdir -p /opt/containers/ml-frameworks
 install -m 0644 /tmp/demo.sif /opt/containers/ml-frameworks/demo.sif
 
-cmd=(srun -N2 -n4 --ml-container=demo sh -c 'echo "rank $SLURM_PROCID of $SLURM_NTASKS on $(hostname)"')
+# /bin/sh: srun resolves a bare "sh" to the host's /usr/bin/sh, which the
+# busybox image lacks (command lookup inside the image is still to come).
+cmd=(srun -N2 -n4 --ml-container=demo /bin/sh -c
+     'echo "rank $RANK of $WORLD_SIZE on $(hostname), master $MASTER_ADDR:$MASTER_PORT: $(cat /MARKER)"')
 echo "demo: as mluser: ${cmd[*]}"
 as_user "${cmd[@]}"
 echo "demo: what the plugin saw on each node:"

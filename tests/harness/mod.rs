@@ -264,7 +264,7 @@ pub fn images(markers: &[&str]) -> HashMap<String, PathBuf> {
                 ""
             };
             let script = format!(
-                "set -e; d=/tmp/sb-{m}; rm -rf $d; mkdir -p $d/bin $d/tmp $d/home $d/etc; \
+                "set -e; d=/tmp/sb-{m}; rm -rf $d; mkdir -p $d/bin $d/tmp $d/home $d/etc; touch $d/etc/passwd $d/etc/group; \
                  cp /bin/busybox $d/bin/; \
                  for c in sh cat echo ls true env sleep id hostname pwd touch kill; do ln -s busybox $d/bin/$c; done; \
                  echo {m} > $d/MARKER; {extra} apptainer -s build /tmp/{m}.sif $d"

@@ -18,6 +18,16 @@ crate::on_slurm_24_11!(
     cli_env_prints_what_the_plugin_sets,
 );
 
+/// Writes `script` to the user's home and runs it with `sbatch --wait`.
+fn sbatch_wait(c: &Cluster, name: &str, script: &str, args: &[&str]) {
+    let path = format!("{HOME}/{name}");
+    c.write(&path, script, 0o755);
+    let mut argv = vec!["sbatch", "--wait"];
+    argv.extend_from_slice(args);
+    argv.push(&path);
+    c.run(1, &[], &argv).assert_ok();
+}
+
 fn cluster(nodes: usize, images: &[&str]) -> Cluster {
     Cluster::start_with(
         Slurm::V24_11,
@@ -208,19 +218,7 @@ fn concurrent_steps_get_different_ports_and_both_rendezvous() {
          wait\n",
         RENDEZVOUS.replace('\'', "'\\''")
     );
-    c.write(&format!("{HOME}/steps.sh"), &script, 0o755);
-    let r = c.run(
-        1,
-        &[],
-        &[
-            "sbatch",
-            "--wait",
-            "-N2",
-            "--ml-container=demo",
-            &format!("{HOME}/steps.sh"),
-        ],
-    );
-    r.assert_ok();
+    sbatch_wait(&c, "steps.sh", &script, &["-N2", "--ml-container=demo"]);
     let a = c.read(&format!("{HOME}/step-a.out"));
     let b = c.read(&format!("{HOME}/step-b.out"));
     let port = |out: &str| -> BTreeSet<String> {
@@ -314,22 +312,14 @@ fn batch_script_gets_master_addr_and_port() {
     let script = "#!/bin/sh\n\
                   echo batch $MASTER_ADDR $MASTER_PORT\n\
                   srun -N2 -n2 /bin/sh -c 'echo step $RANK $MASTER_ADDR $MASTER_PORT $(cat /MARKER)'\n";
-    c.write(&format!("{HOME}/batch.sh"), script, 0o755);
-    let r = c.run(
-        1,
-        &[],
-        &[
-            "sbatch",
-            "--wait",
-            "-N2",
-            "--ml-container=demo",
-            "-o",
-            &format!("{HOME}/batch.out"),
-            &format!("{HOME}/batch.sh"),
-        ],
+    let out_file = format!("{HOME}/batch.out");
+    sbatch_wait(
+        &c,
+        "batch.sh",
+        script,
+        &["-N2", "--ml-container=demo", "-o", &out_file],
     );
-    r.assert_ok();
-    let out = c.read(&format!("{HOME}/batch.out"));
+    let out = c.read(&out_file);
     let batch: Vec<&str> = out
         .lines()
         .find_map(|l| l.strip_prefix("batch "))
@@ -391,13 +381,7 @@ fn cli_env_prints_what_the_plugin_sets() {
          ml-container env --task 2 | tr '\\n' ' ' >{HOME}/task2.out\n",
         probe.replace(' ', " export ")
     );
-    c.write(&format!("{HOME}/env.sh"), &script, 0o755);
-    c.run(
-        1,
-        &[],
-        &["sbatch", "--wait", "-N2", "-n3", &format!("{HOME}/env.sh")],
-    )
-    .assert_ok();
+    sbatch_wait(&c, "env.sh", &script, &["-N2", "-n3"]);
     let by_rank = |text: &str| -> BTreeMap<String, BTreeMap<String, String>> {
         text.lines()
             .map(|l| {

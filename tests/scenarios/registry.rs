@@ -206,16 +206,20 @@ fn catalog_rewritten_mid_launch_runs_the_pinned_image() {
         panic!("srun never pended");
     };
 
+    let launch = || {
+        c.spawn_srun(&[
+            "-N2",
+            "-n2",
+            "--exclusive",
+            "--ml-container=alpha",
+            "/bin/cat",
+            "/MARKER",
+        ])
+    };
+
     // 1. The catalog now says alpha = a1; the waiting step still runs a2.
     hold("3");
-    let bg = c.spawn_srun(&[
-        "-N2",
-        "-n2",
-        "--exclusive",
-        "--ml-container=alpha",
-        "/bin/cat",
-        "/MARKER",
-    ]);
+    let bg = launch();
     wait_pending();
     c.write(CATALOG, &rewritten, 0o644);
     let r = bg.wait();
@@ -226,14 +230,7 @@ fn catalog_rewritten_mid_launch_runs_the_pinned_image() {
 
     // 2. The pinned file disappears while the step waits: it fails clearly.
     hold("3");
-    let bg = c.spawn_srun(&[
-        "-N2",
-        "-n2",
-        "--exclusive",
-        "--ml-container=alpha",
-        "/bin/cat",
-        "/MARKER",
-    ]);
+    let bg = launch();
     wait_pending();
     c.remove("/opt/containers/ml-frameworks/a1.sif");
     let r = bg.wait();
