@@ -15,6 +15,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Where the site config lives unless `config=PATH` says otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/slurm/ml-container.toml";
+/// Where the package installs `ml-container-launch`.
+pub const DEFAULT_LAUNCHER: &str = "/usr/libexec/slurm-ml-container/ml-container-launch";
 /// A config larger than this is certainly not a config.
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
@@ -218,6 +220,9 @@ pub struct RuntimeConfig {
     pub denied_binds: Vec<AbsPath>,
     /// Extra arguments passed to `<runtime> exec`.
     pub extra_args: Vec<String>,
+    /// The small exec helper used where Slurm cannot prepend to a task's
+    /// argv (before 23.11).
+    pub launcher: AbsPath,
 }
 
 impl Default for RuntimeConfig {
@@ -237,6 +242,7 @@ impl Default for RuntimeConfig {
                 .map(|p| AbsPath(PathBuf::from(p)))
                 .to_vec(),
             extra_args: Vec::new(),
+            launcher: AbsPath(PathBuf::from(DEFAULT_LAUNCHER)),
         }
     }
 }

@@ -28,6 +28,11 @@ pub enum IntegrityError {
         path: PathBuf,
         source: io::Error,
     },
+    Squashfs {
+        path: PathBuf,
+        bytes_used: u64,
+        len: u64,
+    },
     Size {
         path: PathBuf,
         expected: u64,
@@ -71,6 +76,16 @@ impl fmt::Display for IntegrityError {
                     path.display()
                 )
             }
+            IntegrityError::Squashfs {
+                path,
+                bytes_used,
+                len,
+            } => write!(
+                f,
+                "squashfs image {} claims {bytes_used} bytes but the file has {len}: truncated; \
+                 re-copy it",
+                path.display()
+            ),
             IntegrityError::NoChecksum { path, image } => write!(
                 f,
                 "verify = \"full\" but the catalog has no sha256 for {image} ({}): add one with \
@@ -120,10 +135,44 @@ pub fn quick(path: &Path, expected_size: Option<u64>) -> Result<(), IntegrityErr
             });
         }
     }
+    if is_squashfs(path) {
+        return squashfs_quick(path, meta.len());
+    }
     sif::inspect_path(path).map_err(|source| IntegrityError::Structure {
         path: path.to_path_buf(),
         source,
     })?;
+    Ok(())
+}
+
+/// A plain squashfs image (Charliecloud's `.sqfs`) rather than a SIF.
+fn is_squashfs(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok_and(|()| &magic == b"hsqs")
+}
+
+/// The squashfs superblock's `bytes_used` (u64 at 40, kernel
+/// fs/squashfs/squashfs_fs.h) must fit the file.
+fn squashfs_quick(path: &Path, len: u64) -> Result<(), IntegrityError> {
+    let mut sb = [0u8; 96];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut sb))
+        .map_err(|source| IntegrityError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let mut used = [0u8; 8];
+    used.copy_from_slice(&sb[40..48]);
+    let used = u64::from_le_bytes(used);
+    if used < 96 || used > len {
+        return Err(IntegrityError::Squashfs {
+            path: path.to_path_buf(),
+            bytes_used: used,
+            len,
+        });
+    }
     Ok(())
 }
 

@@ -13,6 +13,7 @@ pub mod config;
 pub mod distenv;
 pub mod hostlist;
 pub mod integrity;
+pub mod launch;
 pub mod options;
 pub mod plugin;
 pub mod registry;

@@ -14,6 +14,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use crate::config::{ConfigError, PlugstackArgs, RuntimeKind, SiteConfig};
 use crate::distenv::{self, DistError, TaskFacts, BATCH_STEP};
 use crate::integrity::{self, IntegrityError, Verified};
+use crate::launch::{self, LaunchError, Plan};
 use crate::options::{OptionError, OptionId, OptionSpec, UserOptions, OPTIONS};
 use crate::registry::{Pin, Registry, RegistryError, PIN_ENV};
 
@@ -80,6 +81,10 @@ pub trait Host {
     fn set_local_env(&mut self, name: &str, value: Option<&str>);
     /// Sets a variable in the job's (task's) environment, overwriting.
     fn set_job_env(&mut self, name: &str, value: &str) -> Result<(), HostError>;
+    /// The task's argv (task context).
+    fn job_argv(&self) -> Option<Vec<String>>;
+    /// Replaces the task's argv[0] in place (task context).
+    fn set_argv0(&mut self, value: &str) -> Result<(), HostError>;
     /// Prepends to the task's argv (task context, Slurm >= 23.11).
     fn prepend_argv(&mut self, argv: &[String]) -> Result<(), HostError>;
 }
@@ -132,6 +137,12 @@ impl From<DistError> for PluginError {
     }
 }
 
+impl From<LaunchError> for PluginError {
+    fn from(e: LaunchError) -> Self {
+        PluginError::Node(e.to_string())
+    }
+}
+
 impl From<RegistryError> for PluginError {
     fn from(e: RegistryError) -> Self {
         PluginError::Registry(e)
@@ -160,7 +171,7 @@ struct State {
     /// errors from slurmstepd's own callbacks do not reach the srun user).
     deferred: Option<String>,
     /// On a node: the image every task of this step runs, and the runtime.
-    plan: Option<(Pin, PathBuf)>,
+    plan: Option<(Pin, Plan)>,
 }
 
 impl State {
@@ -252,6 +263,11 @@ pub fn init_post_opt(host: &mut dyn Host) -> Result<(), PluginError> {
             let config = config.map_err(PluginError::Config)?;
             let image = st.options.image.clone().ok_or(PluginError::NoImage)?;
             log::debug!("options: {}", st.options.summary());
+            launch::check_user_binds(&config, &st.options.mounts)
+                .map_err(|e| PluginError::Config(e.to_string()))?;
+            if ctx == Context::Local {
+                record_srun_argv(host);
+            }
             resolve_in_srun(host, &config, &image, ctx == Context::Local)
         }
         Context::Remote => {
@@ -270,10 +286,7 @@ pub fn init_post_opt(host: &mut dyn Host) -> Result<(), PluginError> {
             }
             let outcome = config
                 .map_err(|e| PluginError::Config(format!("on this node: {e}")))
-                .and_then(|config| {
-                    let image = st.options.image.clone().ok_or(PluginError::NoImage)?;
-                    prepare_on_node(host, &config, &image)
-                });
+                .and_then(|config| prepare_on_node(host, &config, &st.options));
             match outcome {
                 Ok(plan) => st.plan = Some(plan),
                 Err(e) => {
@@ -327,12 +340,42 @@ fn resolve_in_srun(
     Ok(())
 }
 
-/// On a node, as root: the image this step runs, verified, and the runtime.
+/// srun's own argv, so the nodes can tell which command the user typed
+/// (srun replaces a bare command name with the host path it found).
+pub const ARGV_ENV: &str = "ML_CONTAINER_SRUN_ARGV";
+/// Longer argv records are not kept (the lookup then keeps srun's path).
+const MAX_ARGV_RECORD: usize = 64 << 10;
+
+fn record_srun_argv(host: &mut dyn Host) {
+    let record = std::fs::read("/proc/self/cmdline").ok().and_then(|raw| {
+        let argv: Vec<String> = raw
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let text =
+            toml::Value::Array(argv.into_iter().map(toml::Value::String).collect()).to_string();
+        (text.len() <= MAX_ARGV_RECORD).then_some(text)
+    });
+    host.set_local_env(ARGV_ENV, record.as_deref());
+}
+
+fn recorded_srun_argv(host: &dyn Host) -> Vec<String> {
+    host.getenv(ARGV_ENV)
+        .and_then(|t| toml::from_str::<toml::Table>(&format!("a = {t}")).ok())
+        .and_then(|mut t| t.remove("a"))
+        .and_then(|v| v.try_into::<Vec<String>>().ok())
+        .unwrap_or_default()
+}
+
+/// On a node, as root: the image this step runs, verified, and how to run
+/// each task in it.
 fn prepare_on_node(
     host: &dyn Host,
     config: &SiteConfig,
-    image: &str,
-) -> Result<(Pin, PathBuf), PluginError> {
+    opts: &UserOptions,
+) -> Result<(Pin, Plan), PluginError> {
+    let image = opts.image.as_deref().ok_or(PluginError::NoImage)?;
     let registry = Registry::open(&config.registry)?;
     let pin = match host.getenv(PIN_ENV) {
         Some(text) => {
@@ -371,7 +414,23 @@ fn prepare_on_node(
             RUNTIME_DIRS.join(", ")
         ))
     })?;
-    Ok((pin, runtime))
+    let (binds, notes) = launch::binds(config, &opts.mounts, &|p| p.exists())?;
+    for n in notes {
+        log::info!("{n}");
+    }
+    let plan = Plan {
+        kind: config.runtime.kind,
+        runtime,
+        image: pin.path.clone(),
+        // Decided per task: Slurm sets the GPU variables in the task's
+        // environment (SLURM_STEP_GPUS), not yet here.
+        nv: false,
+        binds,
+        workdir: opts.workdir.clone(),
+        writable_tmpfs: opts.writable_tmpfs,
+        extra_args: config.runtime.extra_args.clone(),
+    };
+    Ok((pin, plan))
 }
 
 /// The prefix that makes Apptainer/Singularity put a variable into the
@@ -492,27 +551,113 @@ pub fn task_init(host: &mut dyn Host) -> Result<(), PluginError> {
         }
         return Ok(());
     }
-    let Some((pin, runtime)) = &st.plan else {
+    let Some((pin, plan)) = &st.plan else {
         return Ok(());
     };
     if dist {
         set_task_env(host, config)?;
     }
-    let argv = vec![
-        runtime.to_string_lossy().into_owned(),
-        "exec".to_string(),
-        pin.path.to_string_lossy().into_owned(),
-    ];
-    match host.prepend_argv(&argv) {
+    let mut plan = plan.clone();
+    plan.nv = launch::wants_nv(
+        config,
+        &st.options,
+        launch::step_has_gpus(&|k| host.getenv(k)),
+    );
+    check_as_user(&plan, &hostname())?;
+    // The command: a bare name the user typed is looked up in the image.
+    let task_argv = host.job_argv().unwrap_or_default();
+    let resolved = task_argv.first().cloned().unwrap_or_default();
+    let typed = launch::typed_command(&recorded_srun_argv(host), &task_argv);
+    let command = launch::container_argv0(typed.as_deref(), &resolved);
+    if let Some(bare) = &command {
+        host.set_argv0(bare)?;
+    }
+    log::info!(
+        "task {}: runtime command: {} {}",
+        host.getenv("SLURM_PROCID").unwrap_or_default(),
+        plan.prefix().join(" "),
+        command.as_deref().unwrap_or(&resolved)
+    );
+    match host.prepend_argv(&plan.prefix()) {
         Ok(()) => Ok(()),
-        Err(HostError::Unsupported(call)) => Err(PluginError::Node(format!(
-            "cannot run {} here: this Slurm has no {call}, and container execution on Slurm \
-             older than 23.11 is not supported by this plugin version yet; run without \
-             --ml-container or on a Slurm >= 23.11 cluster",
-            pin.display_name()
-        ))),
+        Err(HostError::Unsupported(_)) => {
+            // Before Slurm 23.11 the task's argv cannot grow: argv[0]
+            // becomes the launcher, which reads the prefix and the command
+            // from the environment and execs them (TaskProlog, TMPDIR,
+            // rlimits and cgroups are already in place: nothing is exec'd
+            // from task_init itself).
+            let launcher = config.runtime.launcher.as_path();
+            if !is_executable(launcher) {
+                return Err(PluginError::Node(format!(
+                    "node {}: cannot run {}: the launcher {} is missing (needed on Slurm < \
+                     23.11); install the slurm-ml-container package on this node",
+                    hostname(),
+                    pin.display_name(),
+                    launcher.display()
+                )));
+            }
+            let spec = launch::LaunchSpec {
+                prefix: plan.prefix(),
+                command: command.unwrap_or(resolved),
+            };
+            host.set_job_env(launch::LAUNCH_ENV, &spec.encode())?;
+            host.set_argv0(&launcher.to_string_lossy())?;
+            Ok(())
+        }
         Err(e) => Err(e.into()),
     }
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Checks, as the job's user, what the runtime would otherwise report as a
+/// bare exit code 255 (PLATFORM.md): each with the node and the path.
+fn check_as_user(plan: &Plan, node: &str) -> Result<(), PluginError> {
+    let fail = |what: String| Err(PluginError::Node(format!("node {node}: {what}")));
+    if !is_executable(&plan.runtime) {
+        return fail(format!(
+            "the container runtime {} is not executable here",
+            plan.runtime.display()
+        ));
+    }
+    if let Err(e) = std::fs::File::open(&plan.image) {
+        return fail(format!(
+            "cannot read image {}: {e}; ask the admins to make it readable (chmod o+r)",
+            plan.image.display()
+        ));
+    }
+    for b in &plan.binds {
+        if let Err(e) = std::fs::metadata(&b.src) {
+            return fail(format!(
+                "bind source {} (for {}): {e}; create it or fix --ml-container-mounts",
+                b.src.display(),
+                b.dst.display()
+            ));
+        }
+    }
+    if let Some(w) = &plan.workdir {
+        // A workdir inside a bind can be checked on the host; one inside
+        // the image only by the runtime.
+        let on_host = plan
+            .binds
+            .iter()
+            .filter_map(|b| w.strip_prefix(&b.dst).ok().map(|rest| b.src.join(rest)))
+            .next_back();
+        if let Some(h) = on_host {
+            if !h.is_dir() {
+                return fail(format!(
+                    "--ml-container-workdir {} does not exist ({} on the host): create it or \
+                     pick another directory",
+                    w.display(),
+                    h.display()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn fmt_id(id: Option<u32>) -> String {
@@ -591,6 +736,12 @@ mod tests {
         }
         fn set_job_env(&mut self, name: &str, value: &str) -> Result<(), HostError> {
             self.env.insert(name.to_string(), value.to_string());
+            Ok(())
+        }
+        fn job_argv(&self) -> Option<Vec<String>> {
+            None
+        }
+        fn set_argv0(&mut self, _: &str) -> Result<(), HostError> {
             Ok(())
         }
     }

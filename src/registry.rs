@@ -26,6 +26,9 @@ use crate::secure::{self, TrustError};
 
 /// The job environment variable that carries srun's resolution to the nodes.
 pub const PIN_ENV: &str = "ML_CONTAINER_PIN";
+/// Image files: SIF for Apptainer/Singularity, plain squashfs for
+/// Charliecloud's ch-run.
+pub const IMAGE_SUFFIXES: &[&str] = &[".sif", ".sqfs"];
 /// How many close names an "unknown image" error lists.
 pub const SUGGESTIONS: usize = 5;
 
@@ -301,8 +304,10 @@ impl<'a> Registry<'a> {
             return Err(bad("white space or control characters"));
         }
         if reference.starts_with('/') {
-            if !reference.ends_with(".sif") {
-                return Err(bad("an absolute image path must name a .sif file"));
+            if !IMAGE_SUFFIXES.iter().any(|s| reference.ends_with(s)) {
+                return Err(bad(
+                    "an absolute image path must name a .sif (or .sqfs) file",
+                ));
             }
             return self.pin_file(reference, Source::Path, None, Path::new(reference));
         }
@@ -323,9 +328,11 @@ impl<'a> Registry<'a> {
             }
             if catalog::valid_name(reference) && !reference.contains('/') {
                 for dir in self.search_dirs() {
-                    let candidate = self.root.join(dir).join(format!("{reference}.sif"));
-                    if fs::symlink_metadata(&candidate).is_ok() {
-                        return self.pin_file(reference, Source::Scan, None, &candidate);
+                    for suffix in IMAGE_SUFFIXES {
+                        let candidate = self.root.join(dir).join(format!("{reference}{suffix}"));
+                        if fs::symlink_metadata(&candidate).is_ok() {
+                            return self.pin_file(reference, Source::Scan, None, &candidate);
+                        }
                     }
                 }
             }
@@ -440,7 +447,7 @@ impl<'a> Registry<'a> {
             };
             for e in entries.flatten().take(10_000) {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(stem) = name.strip_suffix(".sif") {
+                if let Some(stem) = IMAGE_SUFFIXES.iter().find_map(|s| name.strip_suffix(s)) {
                     out.push(stem.to_string());
                 }
             }

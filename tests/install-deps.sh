@@ -8,5 +8,6 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     slurmctld slurmd slurm-client libslurm-dev munge \
     debootstrap libclang-dev valgrind iproute2 util-linux procps \
-    ca-certificates >/dev/null
+    ca-certificates charliecloud-runtime squashfs-tools squashfuse busybox-static \
+    >/dev/null
 # The packages' own daemons are not used: the tests run their own clusters.

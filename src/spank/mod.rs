@@ -46,6 +46,23 @@ impl SpankHost {
         SpankHost { sp }
     }
 
+    /// S_JOB_ARGV: the count and the array itself.
+    fn raw_argv(&self) -> Option<(usize, *mut *mut c_char)> {
+        let mut argc: c_int = 0;
+        let mut argv: *mut *mut c_char = std::ptr::null_mut();
+        // SAFETY: spank.h documents S_JOB_ARGV as (int *, char ***); both
+        // out-pointers are valid locals, the handle is the callback's own.
+        let rc = unsafe {
+            sys::spank_get_item(
+                self.sp,
+                sys::S_JOB_ARGV,
+                &mut argc as *mut c_int,
+                &mut argv as *mut *mut *mut c_char,
+            )
+        };
+        (rc == sys::ESPANK_SUCCESS && !argv.is_null() && argc >= 0).then_some((argc as usize, argv))
+    }
+
     fn item_u32(&self, item: sys::spank_item_t) -> Option<u32> {
         let mut v: u32 = 0;
         // SAFETY: for the u32 items used here (S_JOB_ID, S_JOB_STEPID,
@@ -129,6 +146,37 @@ impl Host for SpankHost {
             Some(v) => std::env::set_var(name, v),
             None => std::env::remove_var(name),
         }
+    }
+
+    fn job_argv(&self) -> Option<Vec<String>> {
+        let (argc, argv) = self.raw_argv()?;
+        (0..argc)
+            .map(|i| {
+                // SAFETY: i < argc, and Slurm's task argv holds argc valid
+                // entries (spank.h S_JOB_ARGV: int *, char ***).
+                let p = unsafe { *argv.add(i) };
+                // SAFETY: each entry is a NUL-terminated string owned by
+                // slurmstepd for the life of the task.
+                (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+            })
+            .collect()
+    }
+
+    fn set_argv0(&mut self, value: &str) -> Result<(), HostError> {
+        let (argc, argv) = self
+            .raw_argv()
+            .ok_or(HostError::Unsupported("S_JOB_ARGV"))?;
+        if argc == 0 {
+            return Err(HostError::Unsupported("an empty task argv"));
+        }
+        let leaked = to_cstring(value)?.into_raw();
+        // SAFETY: argv has at least one entry (argc > 0); in task context
+        // this is the task's own argv array, in this forked process, which
+        // slurmstepd execs right after task_init. Replacing one pointer does
+        // not grow the array; the old string stays Slurm's to free, the new
+        // one is deliberately leaked (it must outlive the exec call).
+        unsafe { *argv = leaked };
+        Ok(())
     }
 
     fn set_job_env(&mut self, name: &str, value: &str) -> Result<(), HostError> {

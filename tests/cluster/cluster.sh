@@ -95,10 +95,19 @@ if [[ -f $R/usr/include/slurm/slurm_version.h ]] &&
     echo "CgroupPlugin=disabled" >"$R/etc/slurm/cgroup.conf"
 fi
 
-# Test files last, so a test can replace any of the above.
+# Test files last, so a test can replace any of the above;
+# etc/slurm/slurm.conf.extra is appended to slurm.conf (TaskProlog, GRES...).
 if [[ -d $STAGE ]]; then
     cp -a "$STAGE/." "$R/"
     chmod 0755 "$R" # cp -a gave the root the stage directory's mode
+    # etc/slurm/node-gres (e.g. "gpu:2") gives every node that GRES.
+    if [[ -f $R/etc/slurm/node-gres ]]; then
+        sed -i "s|^NodeName=.*|& Gres=$(cat "$R/etc/slurm/node-gres")|" "$R/etc/slurm/slurm.conf"
+        echo "GresTypes=gpu" >>"$R/etc/slurm/slurm.conf"
+    fi
+    if [[ -f $R/etc/slurm/slurm.conf.extra ]]; then
+        cat "$R/etc/slurm/slurm.conf.extra" >>"$R/etc/slurm/slurm.conf"
+    fi
 fi
 
 cd "$R"

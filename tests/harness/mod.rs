@@ -229,6 +229,47 @@ impl Options {
     }
 }
 
+/// A plain squashfs image (for Charliecloud's ch-run) with `/MARKER`
+/// holding `marker`, built on the host with mksquashfs, cached under target/.
+pub fn sqfs_image(marker: &str) -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+    let out = target_dir()
+        .join("images-v2")
+        .join(format!("{marker}.sqfs"));
+    if out.exists() {
+        return out;
+    }
+    let tree = tempdir("mlc-sqfs");
+    for d in [
+        "bin", "etc", "dev", "proc", "sys", "tmp", "home", "root", "mnt", "run",
+    ] {
+        fs::create_dir_all(tree.join(d)).expect("image dir");
+    }
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("busybox on the host (apt-get install busybox-static)");
+    fs::copy(busybox, tree.join("bin/busybox")).expect("copy busybox");
+    for c in ["sh", "cat", "echo", "id", "pwd", "env", "true", "hostname"] {
+        std::os::unix::fs::symlink("busybox", tree.join("bin").join(c)).expect("applet link");
+    }
+    for f in ["etc/passwd", "etc/group", "etc/hosts", "etc/resolv.conf"] {
+        fs::write(tree.join(f), "").expect("image file");
+    }
+    fs::write(tree.join("MARKER"), format!("{marker}\n")).expect("marker");
+    fs::create_dir_all(out.parent().expect("parent")).expect("images dir");
+    let st = Command::new("mksquashfs")
+        .arg(&tree)
+        .arg(&out)
+        .args(["-noappend", "-quiet", "-all-root"])
+        .status()
+        .expect("run mksquashfs (apt-get install squashfs-tools)");
+    assert!(st.success(), "mksquashfs failed");
+    let _ = fs::remove_dir_all(&tree);
+    out
+}
+
 /// The registry root in the test clusters (the config default).
 pub const REGISTRY: &str = "/opt/containers";
 
@@ -239,7 +280,8 @@ pub const REGISTRY: &str = "/opt/containers";
 pub fn images(markers: &[&str]) -> HashMap<String, PathBuf> {
     static LOCK: Mutex<()> = Mutex::new(());
     let _g = LOCK.lock().unwrap_or_else(PoisonError::into_inner);
-    let dir = target_dir().join("images");
+    // Bump with the image recipe below.
+    let dir = target_dir().join("images-v2");
     fs::create_dir_all(&dir).expect("images dir");
     let missing: Vec<&str> = markers
         .iter()
@@ -267,6 +309,8 @@ pub fn images(markers: &[&str]) -> HashMap<String, PathBuf> {
                 "set -e; d=/tmp/sb-{m}; rm -rf $d; mkdir -p $d/bin $d/tmp $d/home $d/etc; touch $d/etc/passwd $d/etc/group; \
                  cp /bin/busybox $d/bin/; \
                  for c in sh cat echo ls true env sleep id hostname pwd touch kill; do ln -s busybox $d/bin/$c; done; \
+                 printf '#!/bin/sh\\necho only in the image\\n' > $d/bin/only-in-image; \
+                 chmod 755 $d/bin/only-in-image; \
                  echo {m} > $d/MARKER; {extra} apptainer -s build /tmp/{m}.sif $d"
             );
             c.run(1, &[], &["sh", "-c", &script]).assert_ok();
@@ -335,6 +379,22 @@ impl Cluster {
             let dest = stage.join(path.trim_start_matches('/'));
             fs::create_dir_all(dest.parent().expect("parent")).expect("stage dir");
             fs::write(&dest, content).expect("stage file");
+        }
+        // The CLI and the pre-23.11 launcher, as the package installs them.
+        for (host, inside) in [
+            (
+                env!("CARGO_BIN_EXE_ml-container"),
+                "/usr/local/bin/ml-container",
+            ),
+            (
+                env!("CARGO_BIN_EXE_ml-container-launch"),
+                "/usr/libexec/slurm-ml-container/ml-container-launch",
+            ),
+        ] {
+            let dest = stage.join(inside.trim_start_matches('/'));
+            fs::create_dir_all(dest.parent().expect("parent")).expect("stage dir");
+            fs::copy(host, &dest).unwrap_or_else(|e| panic!("stage {host}: {e}"));
+            fs::set_permissions(&dest, fs::Permissions::from_mode(0o755)).expect("chmod");
         }
         for (host, inside) in &opts.copies {
             let dest = stage.join(inside.trim_start_matches('/'));
@@ -478,6 +538,24 @@ impl Cluster {
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("nsenter for {argv:?}: {e}"));
+        Run::from_output(argv.iter().map(|s| s.to_string()).collect(), out)
+    }
+
+    /// `srun ARGS` with `input` on its standard input.
+    pub fn srun_input(&self, args: &[&str], input: &str) -> Run {
+        let mut argv = vec!["srun"];
+        argv.extend_from_slice(args);
+        let mut child = self
+            .command(1, true, &[], &argv)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn srun");
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(input.as_bytes());
+        }
+        let out = child.wait_with_output().expect("wait for srun");
         Run::from_output(argv.iter().map(|s| s.to_string()).collect(), out)
     }
 

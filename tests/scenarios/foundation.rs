@@ -90,11 +90,11 @@ fn option_value_reaches_every_node(slurm: Slurm) {
         "-n2",
         "--ml-container=demo",
         "--ml-container-gpus=off",
-        "--ml-container-mounts=/data:/in:ro",
+        "--ml-container-mounts=/tmp:/in:ro",
         "/bin/true",
     ]);
     expect_container_run(slurm, &r);
-    let expect = "options received: image=demo mounts=/data:/in:ro gpus=off";
+    let expect = "options received: image=demo mounts=/tmp:/in:ro gpus=off";
     for node in 1..=2 {
         let log = c.slurmd_log(node);
         let line = log

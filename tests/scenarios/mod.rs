@@ -1,6 +1,7 @@
 //! The acceptance scenarios, one module per issue.
 
 pub mod distributed;
+pub mod execution;
 pub mod foundation;
 pub mod registry;
 

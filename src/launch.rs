@@ -1,0 +1,413 @@
+//! How a task is run in its image: the runtime's argv that goes in front of
+//! the task's own command (issue 5; seed 002 §3: `apptainer exec --nv
+//! --bind ...`).
+//!
+//! Apptainer and Singularity share one CLI (`exec [--nv] [--bind S:D[:ro]]
+//! [--pwd DIR] [--writable-tmpfs] IMAGE CMD...`); Charliecloud's `ch-run`
+//! takes `-b S:D`, `-c DIR`, `--write-fake`, then `IMAGE -- CMD...`. Never
+//! `--contain`: it gives each rank a private /dev/shm, which breaks NCCL and
+//! MPI shared memory (PLATFORM.md).
+#![forbid(unsafe_code)]
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::config::{GpuPolicy, RuntimeKind, SiteConfig};
+use crate::options::{self, Mount, UserOptions};
+
+/// Everything needed to build the runtime prefix for every task of a step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub kind: RuntimeKind,
+    pub runtime: PathBuf,
+    pub image: PathBuf,
+    pub nv: bool,
+    pub binds: Vec<Mount>,
+    pub workdir: Option<PathBuf>,
+    pub writable_tmpfs: bool,
+    pub extra_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LaunchError {
+    /// A user bind onto or from a path the site denies.
+    Denied { mount: String, denied: PathBuf },
+    /// A default bind in the site config that does not parse.
+    BadDefault { entry: String, reason: String },
+}
+
+impl fmt::Display for LaunchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LaunchError::Denied { mount, denied } => write!(
+                f,
+                "--ml-container-mounts entry '{mount}' touches {}, which the site does not \
+                 allow to bind: bind a directory of your own instead",
+                denied.display()
+            ),
+            LaunchError::BadDefault { entry, reason } => write!(
+                f,
+                "runtime.binds entry '{entry}' in the site config is invalid: {reason}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for LaunchError {}
+
+/// Whether `path` is, or (except for `/` itself) lies under, a denied path.
+pub fn denied_by<'a>(path: &Path, denied: &'a [PathBuf]) -> Option<&'a Path> {
+    denied
+        .iter()
+        .find(|d| {
+            if d.as_path() == Path::new("/") {
+                path == Path::new("/")
+            } else {
+                path.starts_with(d)
+            }
+        })
+        .map(PathBuf::as_path)
+}
+
+/// The paths users may not bind: the site's list plus the registry's own
+/// metadata directory.
+pub fn denied_paths(cfg: &SiteConfig) -> Vec<PathBuf> {
+    let mut d: Vec<PathBuf> = cfg
+        .runtime
+        .denied_binds
+        .iter()
+        .map(|p| p.0.clone())
+        .collect();
+    d.push(cfg.registry.root.0.join(".registry"));
+    d
+}
+
+/// Checks the user's binds against the denied paths (in srun, early).
+pub fn check_user_binds(cfg: &SiteConfig, user: &[Mount]) -> Result<(), LaunchError> {
+    let denied = denied_paths(cfg);
+    for m in user {
+        for p in [&m.src, &m.dst] {
+            if let Some(d) = denied_by(&crate::registry::normalize(p), &denied) {
+                return Err(LaunchError::Denied {
+                    mount: m.to_string(),
+                    denied: d.to_path_buf(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The binds of a step: the site's defaults whose source exists on this
+/// node (the others are reported in the returned notes and skipped), then
+/// the user's.
+pub fn binds(
+    cfg: &SiteConfig,
+    user: &[Mount],
+    exists: &dyn Fn(&Path) -> bool,
+) -> Result<(Vec<Mount>, Vec<String>), LaunchError> {
+    check_user_binds(cfg, user)?;
+    let mut out = Vec::new();
+    let mut notes = Vec::new();
+    for entry in &cfg.runtime.binds {
+        let parsed = options::parse_mounts(entry).map_err(|e| LaunchError::BadDefault {
+            entry: entry.clone(),
+            reason: e.to_string(),
+        })?;
+        for m in parsed {
+            if exists(&m.src) {
+                out.push(m);
+            } else {
+                notes.push(format!(
+                    "default bind {} skipped: {} does not exist on this node",
+                    m,
+                    m.src.display()
+                ));
+            }
+        }
+    }
+    // A user bind to the same destination replaces the default.
+    out.retain(|d| !user.iter().any(|u| u.dst == d.dst));
+    out.extend(user.iter().cloned());
+    Ok((out, notes))
+}
+
+/// Whether the step was given GPUs: Slurm exports these to the tasks of a
+/// step with a GPU GRES (gres.conf(5), srun(1) "SLURM_STEP_GPUS").
+pub fn step_has_gpus(get: &dyn Fn(&str) -> Option<String>) -> bool {
+    [
+        "SLURM_STEP_GPUS",
+        "SLURM_JOB_GPUS",
+        "CUDA_VISIBLE_DEVICES",
+        "GPU_DEVICE_ORDINAL",
+    ]
+    .iter()
+    .any(|k| get(k).is_some_and(|v| !v.trim().is_empty() && v.trim() != "NoDevFiles"))
+}
+
+/// `--nv` or not: the user's choice, else the site's, under `auto` exactly
+/// when the step has GPUs.
+pub fn wants_nv(cfg: &SiteConfig, opts: &UserOptions, has_gpus: bool) -> bool {
+    match opts.gpus.unwrap_or(cfg.runtime.gpus) {
+        GpuPolicy::On => true,
+        GpuPolicy::Off => false,
+        GpuPolicy::Auto => has_gpus,
+    }
+}
+
+impl Plan {
+    /// The argv that goes in front of the task's command.
+    pub fn prefix(&self) -> Vec<String> {
+        let s = |p: &Path| p.to_string_lossy().into_owned();
+        let mut argv = vec![s(&self.runtime)];
+        match self.kind {
+            RuntimeKind::Apptainer | RuntimeKind::Singularity => {
+                argv.push("exec".into());
+                if self.nv {
+                    argv.push("--nv".into());
+                }
+                if self.writable_tmpfs {
+                    argv.push("--writable-tmpfs".into());
+                }
+                for b in &self.binds {
+                    argv.push("--bind".into());
+                    argv.push(if b.read_only {
+                        format!("{}:{}:ro", s(&b.src), s(&b.dst))
+                    } else {
+                        format!("{}:{}", s(&b.src), s(&b.dst))
+                    });
+                }
+                if let Some(w) = &self.workdir {
+                    argv.push("--pwd".into());
+                    argv.push(s(w));
+                }
+                argv.extend(self.extra_args.iter().cloned());
+                argv.push(s(&self.image));
+            }
+            RuntimeKind::Charliecloud => {
+                for b in &self.binds {
+                    argv.push("-b".into());
+                    argv.push(format!("{}:{}", s(&b.src), s(&b.dst)));
+                }
+                if let Some(w) = &self.workdir {
+                    argv.push("-c".into());
+                    argv.push(s(w));
+                }
+                if self.writable_tmpfs {
+                    argv.push("--write-fake".into());
+                }
+                argv.extend(self.extra_args.iter().cloned());
+                argv.push(s(&self.image));
+                argv.push("--".into());
+            }
+        }
+        argv
+    }
+}
+
+/// Where Slurm cannot prepend to a task's argv (before 23.11), the task's
+/// argv[0] becomes `ml-container-launch`, which finds what to exec here.
+pub const LAUNCH_ENV: &str = "ML_CONTAINER_LAUNCH";
+
+/// What `ml-container-launch` execs: `prefix`, then `command` (the task's
+/// argv[0], looked up in the image when it is a bare name), then its own
+/// arguments (the task's argv[1..]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LaunchSpec {
+    pub prefix: Vec<String>,
+    pub command: String,
+}
+
+impl LaunchSpec {
+    pub fn encode(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    pub fn decode(text: &str) -> Result<LaunchSpec, String> {
+        let spec: LaunchSpec = toml::from_str(text).map_err(|e| e.message().to_string())?;
+        if spec.prefix.is_empty() {
+            return Err("empty prefix".to_string());
+        }
+        Ok(spec)
+    }
+}
+
+/// The command the user typed, found in srun's own argv (recorded by the
+/// plugin in srun): the element just before the task's arguments. `None`
+/// when it cannot be told apart.
+pub fn typed_command(srun_argv: &[String], task_argv: &[String]) -> Option<String> {
+    let args = task_argv.get(1..)?;
+    if srun_argv.len() < args.len() + 2 {
+        return None;
+    }
+    (1..=srun_argv.len() - args.len() - 1)
+        .rev()
+        .find(|&p| srun_argv.get(p + 1..p + 1 + args.len()) == Some(args))
+        .and_then(|p| srun_argv.get(p).cloned())
+}
+
+/// What to run as the task's argv[0] inside the container: a command the
+/// user typed as a bare name (`python`) is looked up in the image's PATH,
+/// not at the host path srun resolved it to (srun(1), "EXECUTABLE PATH
+/// RESOLUTION"; USERS.md #7). A path the user typed stays.
+pub fn container_argv0(typed: Option<&str>, resolved: &str) -> Option<String> {
+    let typed = typed?;
+    if typed.contains('/') || typed.is_empty() {
+        return None;
+    }
+    let base = Path::new(resolved).file_name()?.to_string_lossy();
+    (base == typed).then(|| typed.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AbsPath;
+
+    fn mounts(s: &str) -> Vec<Mount> {
+        options::parse_mounts(s).unwrap()
+    }
+
+    #[test]
+    fn apptainer_prefix() {
+        let p = Plan {
+            kind: RuntimeKind::Apptainer,
+            runtime: "/usr/bin/apptainer".into(),
+            image: "/opt/containers/x.sif".into(),
+            nv: true,
+            binds: mounts("/data:/data:ro,/scratch"),
+            workdir: Some("/work".into()),
+            writable_tmpfs: true,
+            extra_args: vec!["--cleanenv".into()],
+        };
+        assert_eq!(
+            p.prefix().join(" "),
+            "/usr/bin/apptainer exec --nv --writable-tmpfs --bind /data:/data:ro --bind \
+             /scratch:/scratch --pwd /work --cleanenv /opt/containers/x.sif"
+        );
+        assert!(!p.prefix().iter().any(|a| a.starts_with("--contain")));
+    }
+
+    #[test]
+    fn charliecloud_prefix() {
+        let p = Plan {
+            kind: RuntimeKind::Charliecloud,
+            runtime: "/usr/bin/ch-run".into(),
+            image: "/opt/containers/x.sqfs".into(),
+            nv: false,
+            binds: mounts("/data:/in"),
+            workdir: Some("/in".into()),
+            writable_tmpfs: false,
+            extra_args: vec![],
+        };
+        assert_eq!(
+            p.prefix().join(" "),
+            "/usr/bin/ch-run -b /data:/in -c /in /opt/containers/x.sqfs --"
+        );
+    }
+
+    #[test]
+    fn binds_defaults_user_and_denied() {
+        let mut cfg = SiteConfig::default();
+        cfg.runtime.binds = vec![
+            "/shared/data:/data".into(),
+            "/shared/models:/models:ro".into(),
+        ];
+        let exists = |p: &Path| p != Path::new("/shared/models");
+        let (b, notes) = binds(&cfg, &mounts("/home/u/x:/data"), &exists).unwrap();
+        assert_eq!(
+            b,
+            mounts("/home/u/x:/data"),
+            "user bind replaces the default's destination"
+        );
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].contains("/shared/models"));
+
+        for bad in [
+            "/etc/shadow:/x",
+            "/x:/etc",
+            "/:/host",
+            "/proc",
+            "/opt/containers/.registry:/r",
+        ] {
+            let e = binds(&cfg, &mounts(bad), &exists);
+            assert!(
+                matches!(e, Err(LaunchError::Denied { .. })),
+                "{bad} allowed"
+            );
+        }
+        // "/" is denied as itself only.
+        assert!(binds(&cfg, &mounts("/home/u:/mnt"), &exists).is_ok());
+
+        cfg.runtime.binds = vec!["relative:/x".into()];
+        assert!(matches!(
+            binds(&cfg, &[], &exists),
+            Err(LaunchError::BadDefault { .. })
+        ));
+        cfg.runtime.denied_binds = vec![AbsPath("/home".into())];
+        cfg.runtime.binds = vec![];
+        assert!(binds(&cfg, &mounts("/home/u:/mnt"), &exists).is_err());
+    }
+
+    #[test]
+    fn gpu_policy() {
+        let cfg = SiteConfig::default();
+        let mut o = UserOptions::default();
+        assert!(!wants_nv(&cfg, &o, false));
+        assert!(wants_nv(&cfg, &o, true));
+        o.gpus = Some(GpuPolicy::Off);
+        assert!(!wants_nv(&cfg, &o, true));
+        o.gpus = Some(GpuPolicy::On);
+        assert!(wants_nv(&cfg, &o, false));
+        let env = |v: &'static str| move |k: &str| (k == "SLURM_STEP_GPUS").then(|| v.to_string());
+        assert!(step_has_gpus(&env("0,1")));
+        assert!(!step_has_gpus(&env("")));
+        assert!(!step_has_gpus(&|_| None));
+    }
+
+    #[test]
+    fn launch_spec_round_trip() {
+        let spec = LaunchSpec {
+            prefix: vec!["/usr/bin/ch-run".into(), "/img.sqfs".into(), "--".into()],
+            command: "python".into(),
+        };
+        assert_eq!(LaunchSpec::decode(&spec.encode()).unwrap(), spec);
+        assert!(LaunchSpec::decode("prefix = []\ncommand = \"x\"").is_err());
+        assert!(LaunchSpec::decode("nonsense").is_err());
+    }
+
+    #[test]
+    fn command_lookup() {
+        let srun: Vec<String> = [
+            "srun",
+            "-N2",
+            "--ml-container=x",
+            "python",
+            "-c",
+            "print(1)",
+        ]
+        .map(String::from)
+        .to_vec();
+        let task: Vec<String> = ["/usr/bin/python", "-c", "print(1)"]
+            .map(String::from)
+            .to_vec();
+        let typed = typed_command(&srun, &task);
+        assert_eq!(typed.as_deref(), Some("python"));
+        assert_eq!(
+            container_argv0(typed.as_deref(), &task[0]).as_deref(),
+            Some("python")
+        );
+        // A path typed by the user stays.
+        assert_eq!(container_argv0(Some("./run.sh"), "/home/u/run.sh"), None);
+        assert_eq!(container_argv0(Some("/opt/bin/x"), "/opt/bin/x"), None);
+        // No arguments: the command is srun's last element.
+        let srun: Vec<String> = ["srun", "hostname"].map(String::from).to_vec();
+        assert_eq!(
+            typed_command(&srun, &["/usr/bin/hostname".to_string()]).as_deref(),
+            Some("hostname")
+        );
+        assert_eq!(typed_command(&[], &["/bin/x".to_string()]), None);
+        // Arguments that do not match srun's tail: unknown.
+        assert_eq!(typed_command(&srun, &["/bin/x".into(), "y".into()]), None);
+    }
+}

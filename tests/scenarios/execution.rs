@@ -1,0 +1,324 @@
+//! Issue 5 (run every task inside the container) acceptance: Slurm 24.11
+//! with Apptainer 1.4.5 (2 nodes), and Slurm 22.05 with Charliecloud, jobs
+//! as `mluser`.
+
+use std::time::{Duration, Instant};
+
+use crate::harness::{sqfs_image, Cluster, Options, Slurm, HOME};
+
+crate::on_slurm_24_11!(
+    task_runs_in_the_image_as_the_user_with_binds_and_stdin,
+    exit_codes_and_signals_pass_through,
+    task_prolog_and_tmpdir_still_work,
+    commands_are_looked_up_in_the_image,
+    bad_setups_fail_clearly_and_fast,
+    nv_exactly_when_the_step_has_gpus,
+);
+
+#[test]
+fn charliecloud_runs_a_step_on_slurm_22_05() {
+    charliecloud_on_22_05()
+}
+
+fn cluster(opts: Options) -> Cluster {
+    Cluster::start_with(Slurm::V24_11, opts.with_scan_images(&["demo"]))
+}
+
+const CONFIG: &str = "/etc/slurm/ml-container.toml";
+
+fn task_runs_in_the_image_as_the_user_with_binds_and_stdin() {
+    let c = cluster(Options::default().file(
+        CONFIG,
+        "[runtime]\nbinds = [\"/shared/data:/data:ro\", \"/shared/models:/models\"]\n",
+    ));
+    c.run_root(
+        1,
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /shared/data && echo site-data > /shared/data/hello",
+        ],
+    )
+    .assert_ok();
+    c.run(
+        1,
+        &[],
+        &["sh", "-c", "mkdir -p in out && echo user-in > in/x"],
+    )
+    .assert_ok();
+    let probe = "echo $(cat /MARKER) $(id -u) $(pwd) $(cat /data/hello) $(cat /in/x) \
+                 $( (echo no > /in/y) 2>/dev/null && echo in-is-rw || echo in-is-ro) \
+                 $(echo yes > /out/z && echo out-is-rw)";
+    let r = c.srun(&[
+        "-N2",
+        "-n2",
+        "--ml-container=demo",
+        &format!("--ml-container-mounts={HOME}/in:/in:ro,{HOME}/out:/out"),
+        "/bin/sh",
+        "-c",
+        probe,
+    ]);
+    r.assert_ok();
+    let want = format!("demo 1500 {HOME} site-data user-in in-is-ro out-is-rw\n");
+    assert_eq!(r.stdout, format!("{want}{want}"), "{r}");
+    assert_eq!(c.read(&format!("{HOME}/out/z")), "yes\n");
+    // The default bind whose source is absent was skipped, and said so.
+    let log = c.slurmd_log(1);
+    assert!(
+        log.contains("default bind /shared/models:/models:rw skipped"),
+        "{log}"
+    );
+    // The runtime command, as logged.
+    assert!(
+        log.contains("runtime command: /usr/bin/apptainer exec --bind /shared/data:/data:ro"),
+        "{log}"
+    );
+
+    // --ml-container-workdir.
+    let r = c.srun(&[
+        "-N1",
+        "--ml-container=demo",
+        &format!("--ml-container-mounts={HOME}/out:/out"),
+        "--ml-container-workdir=/out",
+        "/bin/pwd",
+    ]);
+    assert_eq!(r.assert_ok().stdout, "/out\n", "{r}");
+
+    // stdin piped into srun reaches the task.
+    let r = c.srun_input(
+        &["-N1", "--ml-container=demo", "/bin/cat"],
+        "through stdin\n",
+    );
+    assert_eq!(r.assert_ok().stdout, "through stdin\n", "{r}");
+}
+
+fn exit_codes_and_signals_pass_through() {
+    let c = cluster(Options::default());
+    let r = c.srun(&["-N1", "--ml-container=demo", "/bin/sh", "-c", "exit 7"]);
+    assert_eq!(r.code, Some(7), "{r}");
+
+    let r = c.srun(&["-N1", "--ml-container=demo", "/bin/sh", "-c", "kill -9 $$"]);
+    r.assert_failed();
+    assert!(r.stderr.contains("Killed") || r.code == Some(137), "{r}");
+
+    // scancel delivers SIGTERM to the payload, whose trap leaves a file.
+    c.run(1, &[], &["mkdir", "-p", "out"]).assert_ok();
+    let trapped = format!("{HOME}/out/trapped");
+    let bg = c.spawn_srun(&[
+        "-N1",
+        "--ml-container=demo",
+        &format!("--ml-container-mounts={HOME}/out:/out"),
+        "/bin/sh",
+        "-c",
+        "trap 'echo TERM > /out/trapped; exit 3' TERM; echo started > /out/started; \
+         while :; do sleep 0.2; done",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !c.path(&format!("{HOME}/out/started")).exists() {
+        assert!(Instant::now() < deadline, "the payload never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.run(1, &[], &["scancel", "--user=mluser"]).assert_ok();
+    let r = bg.wait();
+    r.assert_failed();
+    assert_eq!(c.read(&trapped), "TERM\n", "the trap did not run: {r}");
+}
+
+fn task_prolog_and_tmpdir_still_work() {
+    let c = cluster(
+        Options::default()
+            .file(
+                "/etc/slurm/slurm.conf.extra",
+                "TaskProlog=/etc/slurm/taskprolog.sh\n",
+            )
+            .file(
+                "/etc/slurm/taskprolog.sh",
+                "#!/bin/sh\necho export FROM_PROLOG=prolog-ran\n",
+            ),
+    );
+    c.run_root(1, &["chmod", "0755", "/etc/slurm/taskprolog.sh"])
+        .assert_ok();
+    let tmp = format!("{HOME}/jobtmp");
+    let r = c.srun_env(
+        &[("TMPDIR", &tmp)],
+        &[
+            "-N2",
+            "-n2",
+            "--ml-container=demo",
+            "/bin/sh",
+            "-c",
+            "echo $FROM_PROLOG; echo ok > $TMPDIR/f.$SLURM_PROCID && cat $TMPDIR/f.$SLURM_PROCID",
+        ],
+    );
+    r.assert_ok();
+    assert_eq!(r.stdout, "prolog-ran\nok\nprolog-ran\nok\n", "{r}");
+}
+
+fn commands_are_looked_up_in_the_image() {
+    let c = cluster(Options::default());
+    // srun resolves `cat` to the host's /usr/bin/cat, which the busybox
+    // image lacks; it has /bin/cat.
+    let r = c.srun(&["-N2", "-n2", "--ml-container=demo", "cat", "/MARKER"]);
+    assert_eq!(r.assert_ok().stdout, "demo\ndemo\n", "{r}");
+    assert!(!c.path("/bin/only-in-image").exists());
+    let r = c.srun(&["-N1", "--ml-container=demo", "only-in-image"]);
+    assert_eq!(r.assert_ok().stdout, "only in the image\n", "{r}");
+    // A path the user typed is used as typed.
+    let r = c.srun(&["-N1", "--ml-container=demo", "/usr/bin/cat", "/MARKER"]);
+    r.assert_failed();
+}
+
+fn bad_setups_fail_clearly_and_fast() {
+    let c = cluster(Options::default());
+    let timed = |args: &[&str]| {
+        let t = Instant::now();
+        let r = c.srun(args);
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "took {:?}: {r}",
+            t.elapsed()
+        );
+        r
+    };
+    let r = timed(&[
+        "-N2",
+        "--ml-container=demo",
+        "--ml-container-mounts=/etc:/x",
+        "/bin/true",
+    ]);
+    r.assert_failed();
+    assert!(
+        r.stderr
+            .contains("touches /etc, which the site does not allow"),
+        "{r}"
+    );
+
+    let r = timed(&[
+        "-N2",
+        "--ml-container=demo",
+        &format!("--ml-container-mounts={HOME}/nope:/x"),
+        "/bin/true",
+    ]);
+    r.assert_failed();
+    assert!(
+        r.stderr.contains(&format!("bind source {HOME}/nope")),
+        "{r}"
+    );
+    assert!(
+        r.stderr.contains("node n1") && r.stderr.contains("node n2"),
+        "{r}"
+    );
+
+    c.run(1, &[], &["mkdir", "-p", "out"]).assert_ok();
+    let r = timed(&[
+        "-N1",
+        "--ml-container=demo",
+        &format!("--ml-container-mounts={HOME}/out:/out"),
+        "--ml-container-workdir=/out/missing",
+        "/bin/true",
+    ]);
+    r.assert_failed();
+    assert!(
+        r.stderr
+            .contains("--ml-container-workdir /out/missing does not exist"),
+        "{r}"
+    );
+
+    c.write(
+        CONFIG,
+        "[runtime]\npath = \"/usr/bin/no-such-apptainer\"\n",
+        0o644,
+    );
+    let r = timed(&["-N2", "--ml-container=demo", "/bin/true"]);
+    r.assert_failed();
+    assert!(
+        r.stderr
+            .contains("container runtime 'apptainer' is not installed"),
+        "{r}"
+    );
+}
+
+fn nv_exactly_when_the_step_has_gpus() {
+    let c = cluster(
+        Options::default()
+            .file("/etc/slurm/node-gres", "gpu:2")
+            // Two fake GPUs per node: any character devices do for Slurm.
+            .file(
+                "/etc/slurm/gres.conf",
+                "NodeName=n[1-2] Name=gpu File=/dev/tty[0-1]\n",
+            ),
+    );
+    let logged = |c: &Cluster| -> Vec<String> {
+        c.slurmd_log(1)
+            .lines()
+            .filter(|l| l.contains("runtime command:"))
+            .map(str::to_string)
+            .collect()
+    };
+    c.srun(&["-N1", "-w", "n1", "--ml-container=demo", "/bin/true"])
+        .assert_ok();
+    c.srun(&[
+        "-N1",
+        "-w",
+        "n1",
+        "--gres=gpu:1",
+        "--ml-container=demo",
+        "/bin/true",
+    ])
+    .assert_ok();
+    c.srun(&[
+        "-N1",
+        "-w",
+        "n1",
+        "--gres=gpu:1",
+        "--ml-container-gpus=off",
+        "--ml-container=demo",
+        "/bin/true",
+    ])
+    .assert_ok();
+    c.srun(&[
+        "-N1",
+        "-w",
+        "n1",
+        "--ml-container-gpus=on",
+        "--ml-container=demo",
+        "/bin/true",
+    ])
+    .assert_ok();
+    let lines = logged(&c);
+    assert_eq!(lines.len(), 4, "{lines:#?}");
+    let nv: Vec<bool> = lines.iter().map(|l| l.contains(" exec --nv ")).collect();
+    assert_eq!(nv, [false, true, false, true], "{lines:#?}");
+}
+
+fn charliecloud_on_22_05() {
+    let img = sqfs_image("chdemo");
+    let c = Cluster::start_with(
+        Slurm::V22_05,
+        Options::default()
+            .copy(&img, "/opt/containers/ml-frameworks/chdemo.sqfs")
+            .file(CONFIG, "[runtime]\nkind = \"charliecloud\"\nbinds = []\n"),
+    );
+    // ch-run keeps its SquashFS mount points under /var/tmp/$USER.ch and
+    // races creating them when, as in these simulated clusters, all nodes
+    // share one /var/tmp; on a real cluster /var/tmp is per node.
+    c.run(1, &[], &["mkdir", "-p", "/var/tmp/mluser.ch/mnt"])
+        .assert_ok();
+    let r = c.srun(&[
+        "-N2",
+        "-n2",
+        "--ml-container=chdemo",
+        "/bin/sh",
+        "-c",
+        "echo $(cat /MARKER) $RANK $WORLD_SIZE $(hostname)",
+    ]);
+    r.assert_ok();
+    let mut lines: Vec<&str> = r.stdout.lines().collect();
+    lines.sort();
+    assert_eq!(lines, ["chdemo 0 2 n1", "chdemo 1 2 n2"], "{r}");
+    // A bare command is looked up in the image there too.
+    let r = c.srun(&["-N1", "--ml-container=chdemo", "cat", "/MARKER"]);
+    assert_eq!(r.assert_ok().stdout, "chdemo\n", "{r}");
+    let r = c.srun(&["-N1", "--ml-container=chdemo", "/bin/sh", "-c", "exit 7"]);
+    assert_eq!(r.code, Some(7), "{r}");
+}
