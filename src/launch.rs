@@ -145,6 +145,43 @@ pub fn step_has_gpus(get: &dyn Fn(&str) -> Option<String>) -> bool {
     .any(|k| get(k).is_some_and(|v| !v.trim().is_empty() && v.trim() != "NoDevFiles"))
 }
 
+/// What an MPI program in the image needs from Slurm's PMIx server
+/// (`srun --mpi=pmix`, seed 002 §2.4): its temporary directory (shared
+/// memory segments, sockets) and, when PMIx authenticates with munge, the
+/// munge socket directory. Bound at the same paths; only existing ones.
+/// The server URI itself is TCP on the node, reachable as the container
+/// shares the node's network.
+pub fn mpi_binds(
+    get: &dyn Fn(&str) -> Option<String>,
+    exists: &dyn Fn(&Path) -> bool,
+) -> Vec<Mount> {
+    let mut out: Vec<Mount> = Vec::new();
+    let mut add = |p: &str| {
+        let path = PathBuf::from(p.trim_end_matches('/'));
+        // Apptainer binds /tmp itself; relative or odd values are ignored.
+        if path.is_absolute()
+            && path != Path::new("/tmp")
+            && exists(&path)
+            && !out.iter().any(|m| m.dst == path)
+        {
+            out.push(Mount {
+                src: path.clone(),
+                dst: path,
+                read_only: false,
+            });
+        }
+    };
+    for var in ["PMIX_SERVER_TMPDIR", "PMIX_SYSTEM_TMPDIR"] {
+        if let Some(v) = get(var) {
+            add(&v);
+        }
+    }
+    if get("PMIX_SECURITY_MODE").is_some_and(|m| m.contains("munge")) {
+        add("/run/munge");
+    }
+    out
+}
+
 /// `--nv` or not: the user's choice, else the site's, under `auto` exactly
 /// when the step has GPUs.
 pub fn wants_nv(cfg: &SiteConfig, opts: &UserOptions, has_gpus: bool) -> bool {
@@ -363,6 +400,27 @@ mod tests {
         assert!(step_has_gpus(&env("0,1")));
         assert!(!step_has_gpus(&env("")));
         assert!(!step_has_gpus(&|_| None));
+    }
+
+    #[test]
+    fn pmix_binds() {
+        let env = |k: &str| match k {
+            "PMIX_SERVER_TMPDIR" => Some("/var/spool/slurmd/n1/pmix.1.0/".to_string()),
+            "PMIX_SYSTEM_TMPDIR" => Some("/tmp".to_string()),
+            "PMIX_SECURITY_MODE" => Some("munge,native".to_string()),
+            _ => None,
+        };
+        let b = mpi_binds(&env, &|_| true);
+        let dsts: Vec<&Path> = b.iter().map(|m| m.dst.as_path()).collect();
+        assert_eq!(
+            dsts,
+            [
+                Path::new("/var/spool/slurmd/n1/pmix.1.0"),
+                Path::new("/run/munge")
+            ]
+        );
+        assert!(mpi_binds(&env, &|_| false).is_empty());
+        assert!(mpi_binds(&|_| None, &|_| true).is_empty());
     }
 
     #[test]

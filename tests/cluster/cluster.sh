@@ -110,6 +110,18 @@ if [[ -d $STAGE ]]; then
     fi
 fi
 
+# STAGE/.binds: "HOST_DIR INSIDE" lines, bound read-only (big trees such as
+# an image sandbox, without copying them).
+if [[ -f $STAGE/.binds ]]; then
+    while read -r host inside; do
+        [[ -n $host ]] || continue
+        mkdir -p "$R$inside"
+        mount --bind "$host" "$R$inside"
+        mount -o remount,bind,ro "$R$inside"
+    done <"$STAGE/.binds"
+    rm -f "$R/.binds"
+fi
+
 cd "$R"
 mkdir -p .oldroot
 pivot_root . .oldroot

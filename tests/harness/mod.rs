@@ -202,6 +202,8 @@ pub struct Options {
     pub files: Vec<(String, String)>,
     /// Host files copied into the root before the daemons start: (host path, path inside).
     pub copies: Vec<(PathBuf, String)>,
+    /// Host directories bound read-only into the root: (host dir, path inside).
+    pub binds: Vec<(PathBuf, String)>,
 }
 
 impl Options {
@@ -227,6 +229,37 @@ impl Options {
         self.copies.push((host.to_path_buf(), inside.to_string()));
         self
     }
+}
+
+/// The `mpi` image: Debian trixie with Open MPI and mpi4py (tree from
+/// tests/cluster/mpi-sandbox.sh, cached like the trixie root), packed as a
+/// plain squashfs on the host: Apptainer runs such images directly, and an
+/// unprivileged `apptainer build` cannot copy a root-owned tree.
+pub fn mpi_image() -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+    let image = target_dir().join("images-v2").join("mpi.sqfs");
+    if image.exists() {
+        return image;
+    }
+    let out = Command::new("bash")
+        .arg(manifest_dir().join("tests/cluster/mpi-sandbox.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run tests/cluster/mpi-sandbox.sh");
+    assert!(out.status.success(), "building the MPI image tree failed");
+    let tree = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    fs::create_dir_all(image.parent().expect("parent")).expect("images dir");
+    let tmp = image.with_extension("tmp");
+    let st = Command::new("mksquashfs")
+        .arg(&tree)
+        .arg(&tmp)
+        .args(["-noappend", "-quiet", "-all-root", "-e", ".complete"])
+        .status()
+        .expect("run mksquashfs");
+    assert!(st.success(), "mksquashfs of the MPI tree failed");
+    fs::rename(&tmp, &image).expect("place mpi image");
+    image
 }
 
 /// A plain squashfs image (for Charliecloud's ch-run) with `/MARKER`
@@ -334,6 +367,7 @@ impl Default for Options {
             fault_injection: false,
             files: Vec::new(),
             copies: Vec::new(),
+            binds: Vec::new(),
         }
     }
 }
@@ -401,6 +435,14 @@ impl Cluster {
             fs::create_dir_all(dest.parent().expect("parent")).expect("stage dir");
             fs::copy(host, &dest).unwrap_or_else(|e| panic!("stage {}: {e}", host.display()));
             fs::set_permissions(&dest, fs::Permissions::from_mode(0o644)).expect("chmod");
+        }
+        if !opts.binds.is_empty() {
+            let lines: String = opts
+                .binds
+                .iter()
+                .map(|(h, i)| format!("{} {i}\n", h.display()))
+                .collect();
+            fs::write(stage.join(".binds"), lines).expect("stage binds");
         }
         let log_path = scratch.join("cluster.log");
         let mut child = Command::new("unshare")

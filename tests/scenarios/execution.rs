@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{sqfs_image, Cluster, Options, Slurm, HOME};
+use crate::harness::{mpi_image, sqfs_image, Cluster, Options, Slurm, HOME};
 
 crate::on_slurm_24_11!(
     task_runs_in_the_image_as_the_user_with_binds_and_stdin,
@@ -321,4 +321,47 @@ fn charliecloud_on_22_05() {
     assert_eq!(r.assert_ok().stdout, "chdemo\n", "{r}");
     let r = c.srun(&["-N1", "--ml-container=chdemo", "/bin/sh", "-c", "exit 7"]);
     assert_eq!(r.code, Some(7), "{r}");
+}
+
+#[test]
+fn mpi_ranks_wire_up_across_nodes_with_pmix() {
+    let c = Cluster::start_with(
+        Slurm::V24_11,
+        Options::default()
+            .copy(&mpi_image(), "/opt/containers/ml-frameworks/mpi.sqfs")
+            .file(
+                CONFIG,
+                // One user namespace per rank: cross-memory attach between ranks
+                // of a node fails (apptainer #769), so Open MPI's shared-memory
+                // transport must copy instead.
+                "[env]\nOMPI_MCA_smsc = \"^cma\"\n",
+            ),
+    );
+    let r = c.srun(&[
+        "-N2",
+        "-n4",
+        "--mpi=pmix",
+        "--ml-container=mpi",
+        "python3",
+        "-c",
+        "from mpi4py import MPI; import os; c = MPI.COMM_WORLD; \
+         t = c.allreduce(c.Get_rank()); \
+         print(c.Get_rank(), c.Get_size(), os.environ['RANK'], t, MPI.Get_processor_name())",
+    ]);
+    r.assert_ok();
+    let mut lines: Vec<Vec<String>> = r
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+        .collect();
+    lines.sort();
+    assert_eq!(lines.len(), 4, "{r}");
+    for (i, f) in lines.iter().enumerate() {
+        assert_eq!(f[0], i.to_string(), "{r}");
+        assert_eq!(f[1], "4", "{r}");
+        assert_eq!(f[2], f[0], "MPI rank != RANK: {r}");
+        assert_eq!(f[3], "6", "allreduce across the node boundary: {r}");
+    }
+    let hosts: std::collections::BTreeSet<&str> = lines.iter().map(|f| f[4].as_str()).collect();
+    assert_eq!(hosts.len(), 2, "{r}");
 }
