@@ -224,6 +224,17 @@ fn bad_setups_fail_clearly_and_fast() {
         "{r}"
     );
 
+    // An image the user cannot read: refused in srun, naming the file.
+    let image = "/opt/containers/ml-frameworks/demo.sif";
+    c.run_root(1, &["chmod", "0600", image]).assert_ok();
+    let r = timed(&["-N2", "--ml-container=demo", "/bin/true"]);
+    r.assert_failed();
+    assert!(
+        r.stderr.contains(image) && r.stderr.contains("Permission denied"),
+        "{r}"
+    );
+    c.run_root(1, &["chmod", "0644", image]).assert_ok();
+
     c.write(
         CONFIG,
         "[runtime]\npath = \"/usr/bin/no-such-apptainer\"\n",
