@@ -16,7 +16,9 @@ use crate::distenv::{self, DistError, TaskFacts, BATCH_STEP};
 use crate::integrity::{self, IntegrityError, Verified};
 use crate::launch::{self, LaunchError, Plan};
 use crate::options::{OptionError, OptionId, OptionSpec, UserOptions, OPTIONS};
+use crate::probe;
 use crate::registry::{Pin, Registry, RegistryError, PIN_ENV};
+use crate::report::{self, ImageInfo, NodeState, Report, TaskOutcome};
 
 /// spank_context_t, as far as the plugin cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,6 +87,14 @@ pub trait Host {
     fn job_argv(&self) -> Option<Vec<String>>;
     /// Replaces the task's argv[0] in place (task context).
     fn set_argv0(&mut self, value: &str) -> Result<(), HostError>;
+    /// In task_exit: the task's wait(2) status, global and local ids.
+    fn task_exit_status(&self) -> Option<i32>;
+    fn task_global_id(&self) -> Option<u32>;
+    fn task_local_id(&self) -> Option<u32>;
+    /// Tasks of this step on this node.
+    fn local_task_count(&self) -> Option<u32>;
+    /// The job's uid and gid.
+    fn job_ids(&self) -> Option<(u32, u32)>;
     /// Prepends to the task's argv (task context, Slurm >= 23.11).
     fn prepend_argv(&mut self, argv: &[String]) -> Result<(), HostError>;
 }
@@ -172,6 +182,11 @@ struct State {
     deferred: Option<String>,
     /// On a node: the image every task of this step runs, and the runtime.
     plan: Option<(Pin, Plan)>,
+    /// On a node: when the step started, the OOM-kill counter then, and
+    /// how each local task ended so far.
+    started_ms: u128,
+    oom_at_start: Option<u64>,
+    outcomes: Vec<TaskOutcome>,
 }
 
 impl State {
@@ -188,6 +203,9 @@ impl State {
             },
             deferred: None,
             plan: None,
+            started_ms: 0,
+            oom_at_start: None,
+            outcomes: Vec::new(),
         }
     }
 }
@@ -287,6 +305,8 @@ pub fn init_post_opt(host: &mut dyn Host) -> Result<(), PluginError> {
             let outcome = config
                 .map_err(|e| PluginError::Config(format!("on this node: {e}")))
                 .and_then(|config| prepare_on_node(host, &config, &st.options));
+            st.started_ms = now_ms();
+            st.oom_at_start = probe::oom_kills();
             match outcome {
                 Ok(plan) => st.plan = Some(plan),
                 Err(e) => {
@@ -660,6 +680,191 @@ fn check_as_user(plan: &Plan, node: &str) -> Result<(), PluginError> {
     Ok(())
 }
 
+fn now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
+/// `slurm_spank_task_exit`, in slurmstepd (root) after each local task of a
+/// containerized step ends: a metrics line per task; when the node's last
+/// task is done and one failed, the report (and a syslog line per failure).
+/// Reporting problems are logged, never turned into a step failure.
+pub fn task_exit(host: &mut dyn Host) -> Result<(), PluginError> {
+    fault_injection(host, "task_exit");
+    let mut st = state();
+    let (Some(Ok(config)), Some((pin, plan))) = (st.config.clone(), st.plan.clone()) else {
+        return Ok(());
+    };
+    let Some(status) = host.task_exit_status() else {
+        return Ok(());
+    };
+    let outcome = TaskOutcome::from_wait_status(
+        host.task_global_id().unwrap_or(u32::MAX),
+        host.task_local_id().unwrap_or(u32::MAX),
+        status,
+    );
+    let job = host.job_id().unwrap_or(0);
+    let step = host.step_id().unwrap_or(0);
+    let node = hostname();
+    let line = report::metrics_line(
+        job,
+        step,
+        &node,
+        &pin.display_name(),
+        &outcome,
+        now_ms().saturating_sub(st.started_ms),
+    );
+    if let Err(e) = report::append_line(config.failure.metrics_log.as_path(), &line) {
+        log::warn!(
+            "cannot append to {}: {e}",
+            config.failure.metrics_log.as_path().display()
+        );
+    }
+    if outcome.failed() && config.failure.syslog {
+        report::syslog(&format!(
+            "job {job} step {step} node {node} rank {} {} (image {})",
+            outcome.rank,
+            outcome.describe(),
+            pin.display_name()
+        ));
+    }
+    st.outcomes.push(outcome);
+    let all_done = host
+        .local_task_count()
+        .is_none_or(|n| st.outcomes.len() >= n as usize);
+    if !all_done || !st.outcomes.iter().any(TaskOutcome::failed) {
+        return Ok(());
+    }
+    let dist = st.options.dist.unwrap_or(config.distributed.enabled);
+    let rep = build_report(
+        host,
+        &config,
+        &pin,
+        &plan,
+        &st.outcomes,
+        st.started_ms,
+        st.oom_at_start,
+        dist,
+    );
+    let gid = host.job_ids().map_or(0, |(_, g)| g);
+    match rep.write(config.failure.report_dir.as_path(), gid) {
+        Ok(path) => log::info!("failure report: {}", path.display()),
+        Err(e) => log::error!(
+            "cannot write the failure report under {}: {e}",
+            config.failure.report_dir.as_path().display()
+        ),
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_report(
+    host: &dyn Host,
+    config: &SiteConfig,
+    pin: &Pin,
+    plan: &Plan,
+    outcomes: &[TaskOutcome],
+    started_ms: u128,
+    oom_at_start: Option<u64>,
+    dist: bool,
+) -> Report {
+    let timeout = std::time::Duration::from_secs(u64::from(config.failure.probe_timeout));
+    let get = |k: &str| host.getenv(k);
+    // The node's share of the contract: values the user set win, RANK and
+    // LOCAL_RANK are per task (see `tasks`).
+    let (environment, dist_error): (std::collections::BTreeMap<String, String>, _) = if dist {
+        match distenv::facts_for(&get, None).and_then(|f| distenv::contract(config, &f)) {
+            Ok(vars) => (
+                vars.into_iter()
+                    .filter(|(k, _)| k != "RANK" && k != "LOCAL_RANK" && k != "NODE_RANK")
+                    .map(|(k, v)| {
+                        let v = get(&k).unwrap_or(v);
+                        (k, v)
+                    })
+                    .collect(),
+                None,
+            ),
+            Err(e) => (Default::default(), Some(e.to_string())),
+        }
+    } else {
+        (Default::default(), None)
+    };
+    let master = match (
+        environment.get("MASTER_ADDR"),
+        environment.get("MASTER_PORT"),
+    ) {
+        (Some(a), Some(p)) => p
+            .parse()
+            .ok()
+            .map(|port| probe::probe_master(a, port, timeout)),
+        _ => None,
+    };
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let (memory_total_kb, memory_available_kb) = probe::memory_kb(&meminfo);
+    let (uid, _) = host.job_ids().unwrap_or((u32::MAX, u32::MAX));
+    let mut rep = Report {
+        version: 1,
+        job_id: host.job_id().unwrap_or(0),
+        step_id: host.step_id().unwrap_or(0),
+        node: hostname(),
+        uid,
+        user: nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map(|u| u.name),
+        image: ImageInfo {
+            reference: pin.reference.clone(),
+            name: pin.name.clone(),
+            tag: pin.tag.clone(),
+            path: pin.path.clone(),
+            sha256: pin.sha256.clone(),
+        },
+        runtime_command: plan.prefix(),
+        environment,
+        tasks: outcomes.to_vec(),
+        step_started_unix_ms: started_ms,
+        last_task_ended_unix_ms: now_ms(),
+        node_state: NodeState {
+            memory_total_kb,
+            memory_available_kb,
+            oom_kills_during_step: match (oom_at_start, probe::oom_kills()) {
+                (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+                _ => None,
+            },
+            listening_ports: probe::read_listening_ports(),
+            gpus: probe::gpus(timeout),
+            master,
+        },
+        issues_found: Vec::new(),
+        recommendations: Vec::new(),
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let ctx = report::Context {
+        runtime_is_apptainer: matches!(
+            plan.kind,
+            RuntimeKind::Apptainer | RuntimeKind::Singularity
+        ),
+        dist_enabled: dist,
+        dist_error,
+        gpus_requested: launch::step_has_gpus(&get)
+            || ["SLURM_GPUS", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK"]
+                .iter()
+                .any(|k| get(k).is_some())
+            || get("SLURM_TRES_PER_TASK").is_some_and(|v| v.contains("gpu")),
+        image_readable_by_others: std::fs::metadata(&pin.path)
+            .is_ok_and(|m| m.permissions().mode() & 0o004 != 0),
+        missing_bind_sources: plan
+            .binds
+            .iter()
+            .filter(|b| !b.src.exists())
+            .map(|b| b.src.clone())
+            .collect(),
+    };
+    rep.analyze(&ctx);
+    rep
+}
+
 fn fmt_id(id: Option<u32>) -> String {
     match id {
         // SLURM_BATCH_SCRIPT and friends are large sentinels; print them as is.
@@ -739,6 +944,21 @@ mod tests {
             Ok(())
         }
         fn job_argv(&self) -> Option<Vec<String>> {
+            None
+        }
+        fn task_exit_status(&self) -> Option<i32> {
+            None
+        }
+        fn task_global_id(&self) -> Option<u32> {
+            None
+        }
+        fn task_local_id(&self) -> Option<u32> {
+            None
+        }
+        fn local_task_count(&self) -> Option<u32> {
+            None
+        }
+        fn job_ids(&self) -> Option<(u32, u32)> {
             None
         }
         fn set_argv0(&mut self, _: &str) -> Result<(), HostError> {

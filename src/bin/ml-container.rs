@@ -5,11 +5,14 @@ use std::process::ExitCode;
 
 use slurm_ml_container::config::{PlugstackArgs, SiteConfig};
 use slurm_ml_container::distenv;
+use slurm_ml_container::report;
 
 const USAGE: &str = "usage: ml-container <command> [args]
 
 commands:
   config [--config PATH]   check the site config and print it as loaded
+  diagnose JOBID [--config PATH]
+                           show the failure reports of a job
   env [--task N] [--config PATH]
                            print, as export lines, the distributed environment
                            the plugin sets, from the SLURM_* variables here
@@ -30,6 +33,7 @@ fn main() -> ExitCode {
         }
         Some("config") => config(&args[1..]),
         Some("env") => env(&args[1..]),
+        Some("diagnose") => diagnose(&args[1..]),
         Some("help") | Some("--help") | Some("-h") => {
             print!("{USAGE}");
             ExitCode::SUCCESS
@@ -118,6 +122,71 @@ fn env(args: &[String]) -> ExitCode {
         }
         Err(e) => {
             eprintln!("ml-container env: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `ml-container diagnose JOBID [--config PATH]`: the job's failure
+/// reports, for a person. Exit 0 when reports were shown, 1 when there are
+/// none (or they cannot be read), 2 on bad usage.
+fn diagnose(args: &[String]) -> ExitCode {
+    const USAGE: &str = "usage: ml-container diagnose JOBID [--config PATH]";
+    let mut plug = Vec::new();
+    let mut job = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--config" => match it.next() {
+                Some(p) => plug.push(format!("config={p}")),
+                None => {
+                    eprintln!("ml-container diagnose: {USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
+            other => match other.parse::<u32>() {
+                Ok(n) if job.is_none() => job = Some(n),
+                _ => {
+                    eprintln!("ml-container diagnose: '{other}' is not a job id; {USAGE}");
+                    return ExitCode::from(2);
+                }
+            },
+        }
+    }
+    let Some(job) = job else {
+        eprintln!("ml-container diagnose: {USAGE}");
+        return ExitCode::from(2);
+    };
+    let cfg = match PlugstackArgs::parse(&plug).and_then(|a| SiteConfig::load(&a)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ml-container diagnose: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let dir = cfg.failure.report_dir.as_path();
+    match report::read_job(dir, job) {
+        Ok(reports) if !reports.is_empty() => {
+            for (path, r) in reports {
+                match r {
+                    Ok(r) => print!("{}", report::render(&r)),
+                    Err(e) => println!("{}: unreadable report: {e}", path.display()),
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(_) => {
+            eprintln!(
+                "ml-container diagnose: no failure reports for job {job} in {}",
+                dir.display()
+            );
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!(
+                "ml-container diagnose: no failure reports for job {job} in {} ({e})",
+                dir.display()
+            );
             ExitCode::from(1)
         }
     }

@@ -113,6 +113,18 @@ pub extern "C" fn slurm_spank_task_init(
     })
 }
 
+/// spank(8): called in slurmstepd, as root, after each task exits.
+#[no_mangle]
+pub extern "C" fn slurm_spank_task_exit(
+    sp: sys::spank_t,
+    _ac: c_int,
+    _av: *mut *mut c_char,
+) -> c_int {
+    guard("slurm_spank_task_exit", || {
+        plugin::task_exit(&mut SpankHost::new(sp))
+    })
+}
+
 /// The callback of every registered option (`spank_opt_cb_f`): `val` tells
 /// which option, `remote` whether this is slurmstepd.
 pub(super) extern "C" fn option_callback(

@@ -63,10 +63,21 @@ impl SpankHost {
         (rc == sys::ESPANK_SUCCESS && !argv.is_null() && argc >= 0).then_some((argc as usize, argv))
     }
 
+    fn item_i32(&self, item: sys::spank_item_t) -> Option<i32> {
+        let mut v: i32 = 0;
+        // SAFETY: for the int items used here (S_TASK_ID,
+        // S_TASK_EXIT_STATUS) spank.h documents one `int *` argument; `v`
+        // lives across the call and the handle is the callback's own.
+        let rc = unsafe { sys::spank_get_item(self.sp, item, &mut v as *mut i32) };
+        (rc == sys::ESPANK_SUCCESS).then_some(v)
+    }
+
     fn item_u32(&self, item: sys::spank_item_t) -> Option<u32> {
         let mut v: u32 = 0;
         // SAFETY: for the u32 items used here (S_JOB_ID, S_JOB_STEPID,
-        // S_JOB_NODEID) spank.h documents one `uint32_t *` argument; `v`
+        // S_JOB_NODEID, S_TASK_GLOBAL_ID, S_JOB_LOCAL_TASK_COUNT, and
+        // S_JOB_UID/S_JOB_GID whose uid_t/gid_t are u32 on Linux) spank.h
+        // documents one pointer to a 32-bit unsigned argument; `v`
         // lives across the call and the handle is the callback's own.
         let rc = unsafe { sys::spank_get_item(self.sp, item, &mut v as *mut u32) };
         (rc == sys::ESPANK_SUCCESS).then_some(v)
@@ -146,6 +157,31 @@ impl Host for SpankHost {
             Some(v) => std::env::set_var(name, v),
             None => std::env::remove_var(name),
         }
+    }
+
+    fn task_exit_status(&self) -> Option<i32> {
+        self.item_i32(sys::S_TASK_EXIT_STATUS)
+    }
+
+    fn task_global_id(&self) -> Option<u32> {
+        self.item_u32(sys::S_TASK_GLOBAL_ID)
+    }
+
+    fn task_local_id(&self) -> Option<u32> {
+        self.item_i32(sys::S_TASK_ID)
+            .and_then(|v| u32::try_from(v).ok())
+    }
+
+    fn local_task_count(&self) -> Option<u32> {
+        self.item_u32(sys::S_JOB_LOCAL_TASK_COUNT)
+    }
+
+    fn job_ids(&self) -> Option<(u32, u32)> {
+        // uid_t and gid_t are 32-bit unsigned on Linux.
+        Some((
+            self.item_u32(sys::S_JOB_UID)?,
+            self.item_u32(sys::S_JOB_GID)?,
+        ))
     }
 
     fn job_argv(&self) -> Option<Vec<String>> {

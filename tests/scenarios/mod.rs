@@ -2,6 +2,7 @@
 
 pub mod distributed;
 pub mod execution;
+pub mod failure;
 pub mod foundation;
 pub mod registry;
 

@@ -1,0 +1,254 @@
+//! Issue 6 (failure capture) acceptance: Slurm 24.11 with Apptainer, 2
+//! nodes, jobs as `mluser`; reports under the default
+//! /var/log/slurm/debug/<job>/<step>.<node>.json.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::{Cluster, Options, Slurm};
+
+crate::on_slurm_24_11!(
+    a_failed_task_leaves_a_report_on_its_node_and_metrics_lines,
+    signals_and_scancel_are_recorded,
+    the_other_ranks_report_an_unreachable_master,
+    a_successful_step_writes_metrics_and_no_report,
+    a_planted_symlink_is_not_followed,
+    a_hung_probe_costs_at_most_its_timeout,
+);
+
+const REPORTS: &str = "/var/log/slurm/debug";
+const METRICS: &str = "/var/log/slurm/job_metrics.log";
+
+fn cluster(opts: Options) -> Cluster {
+    Cluster::start_with(Slurm::V24_11, opts.with_scan_images(&["demo"]))
+}
+
+/// The report of job/step on node, waiting at most `within` for it.
+fn report(c: &Cluster, job: u32, node: &str, within: Duration) -> Option<Value> {
+    let path = c.path(&format!("{REPORTS}/{job}/0.{node}.json"));
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            return Some(serde_json::from_str(&text).expect("report is JSON"));
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn a_failed_task_leaves_a_report_on_its_node_and_metrics_lines() {
+    let c = cluster(Options::default());
+    let r = c.srun(&[
+        "-N2",
+        "-n2",
+        "--ml-container=demo",
+        "/bin/sh",
+        "-c",
+        "[ $RANK = 1 ] && exit 7; exit 0",
+    ]);
+    assert_eq!(r.code, Some(7), "{r}");
+    let rep = report(&c, 1, "n2", Duration::from_secs(1)).expect("no report on n2 within 1 s");
+    assert_eq!(rep["job_id"], 1);
+    assert_eq!(rep["node"], "n2");
+    assert_eq!(rep["tasks"][0]["rank"], 1, "{rep}");
+    assert_eq!(rep["tasks"][0]["exit_code"], 7, "{rep}");
+    assert_eq!(rep["image"]["reference"], "demo");
+    assert!(rep["image"]["path"].as_str().unwrap().ends_with("demo.sif"));
+    assert_eq!(rep["environment"]["MASTER_ADDR"], "n1", "{rep}");
+    assert_eq!(rep["environment"]["WORLD_SIZE"], "2", "{rep}");
+    assert!(rep["runtime_command"][0]
+        .as_str()
+        .unwrap()
+        .ends_with("apptainer"));
+    let issues = rep["issues_found"].to_string();
+    assert!(issues.contains("rank 1 exited with code 7"), "{issues}");
+    // n1's task succeeded: no report there.
+    assert!(report(&c, 1, "n1", Duration::ZERO).is_none());
+
+    let metrics = c.read(METRICS);
+    assert_eq!(
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("JOB_ID=1 "))
+            .count(),
+        2,
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("NODE=n2 RANK=1 IMAGE=demo EXIT_CODE=7"),
+        "{metrics}"
+    );
+
+    // Readable by the job's user, writable by nobody but root.
+    let ls = c.run_root(
+        1,
+        &[
+            "stat",
+            "-c",
+            "%U %G %a",
+            &format!("{REPORTS}/1"),
+            &format!("{REPORTS}/1/0.n2.json"),
+        ],
+    );
+    assert_eq!(
+        ls.assert_ok().stdout,
+        "root mluser 750\nroot mluser 640\n",
+        "{ls}"
+    );
+    c.run(1, &[], &["cat", &format!("{REPORTS}/1/0.n2.json")])
+        .assert_ok();
+    c.run(1, &[], &["touch", &format!("{REPORTS}/1/mine")])
+        .assert_failed();
+
+    // For a person.
+    let d = c.run(1, &[], &["ml-container", "diagnose", "1"]);
+    d.assert_ok();
+    assert!(d.stdout.contains("job 1 step 0 on n2"), "{d}");
+    assert!(d.stdout.contains("exit code 7"), "{d}");
+    let none = c.run(1, &[], &["ml-container", "diagnose", "99"]);
+    assert_eq!(none.code, Some(1), "{none}");
+}
+
+fn signals_and_scancel_are_recorded() {
+    let c = cluster(Options::default());
+    let r = c.srun(&[
+        "-N1",
+        "-w",
+        "n1",
+        "--ml-container=demo",
+        "/bin/sh",
+        "-c",
+        "kill -9 $$",
+    ]);
+    r.assert_failed();
+    let rep = report(&c, 1, "n1", Duration::from_secs(2)).expect("report of job 1");
+    assert_eq!(rep["tasks"][0]["signal"], 9, "{rep}");
+
+    let bg = c.spawn_srun(&[
+        "-N1",
+        "-w",
+        "n2",
+        "--ml-container=demo",
+        "/bin/sh",
+        "-c",
+        "sleep 300",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let q = c.run(1, &[], &["squeue", "-h", "-t", "R", "-o", "%i"]);
+        if q.stdout.trim() == "2" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "job 2 never ran");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    c.run(1, &[], &["scancel", "2"]).assert_ok();
+    bg.wait().assert_failed();
+    let rep = report(&c, 2, "n2", Duration::from_secs(10)).expect("report of the cancelled job");
+    let sig = rep["tasks"][0]["signal"].as_i64();
+    assert!(sig == Some(15) || sig == Some(9), "{rep}");
+    assert!(rep["issues_found"].to_string().contains("scancel"), "{rep}");
+}
+
+fn the_other_ranks_report_an_unreachable_master() {
+    let c = cluster(Options::default().file(
+        "/etc/slurm/ml-container.toml",
+        "[failure]\nprobe_timeout = 2\n",
+    ));
+    let r = c.srun(&[
+        "-N2",
+        "-n2",
+        "--ml-container=demo",
+        "/bin/sh",
+        "-c",
+        "[ $RANK = 0 ] && exit 3; sleep 1; exit 4",
+    ]);
+    r.assert_failed();
+    let rep = report(&c, 1, "n2", Duration::from_secs(5)).expect("report on n2");
+    assert_eq!(rep["node_state"]["master"]["reachable"], false, "{rep}");
+    assert!(
+        rep["issues_found"].to_string().contains("did not answer"),
+        "{rep}"
+    );
+}
+
+fn a_successful_step_writes_metrics_and_no_report() {
+    let c = cluster(Options::default());
+    c.srun(&["-N2", "-n4", "--ml-container=demo", "/bin/true"])
+        .assert_ok();
+    let metrics = c.read(METRICS);
+    let lines: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("JOB_ID=1 "))
+        .collect();
+    assert_eq!(lines.len(), 4, "{metrics}");
+    assert!(
+        lines.iter().all(|l| l.contains("EXIT_CODE=0 SIGNAL=-")),
+        "{metrics}"
+    );
+    assert!(!c.path(&format!("{REPORTS}/1")).exists());
+}
+
+fn a_planted_symlink_is_not_followed() {
+    let c = cluster(Options::default());
+    c.run_root(
+        1,
+        &[
+            "sh",
+            "-c",
+            "echo keep > /etc/planted && mkdir -p /var/log/slurm/debug/1 && \
+             ln -s /etc/planted /var/log/slurm/debug/1/0.n1.json",
+        ],
+    )
+    .assert_ok();
+    let r = c.srun(&[
+        "-N1",
+        "-w",
+        "n1",
+        "--ml-container=demo",
+        "/bin/sh",
+        "-c",
+        "exit 5",
+    ]);
+    assert_eq!(r.code, Some(5), "{r}");
+    let rep = report(&c, 1, "n1", Duration::from_secs(2)).expect("report");
+    assert_eq!(rep["tasks"][0]["exit_code"], 5);
+    assert_eq!(c.read("/etc/planted"), "keep\n", "the symlink was followed");
+    let kind = c.run_root(1, &["stat", "-c", "%F", "/var/log/slurm/debug/1/0.n1.json"]);
+    assert_eq!(kind.assert_ok().stdout.trim(), "regular file");
+}
+
+fn a_hung_probe_costs_at_most_its_timeout() {
+    let c = cluster(
+        Options::default()
+            .file(
+                "/etc/slurm/ml-container.toml",
+                "[failure]\nprobe_timeout = 2\n",
+            )
+            .file("/usr/local/bin/nvidia-smi", "#!/bin/sh\nexec sleep 1000\n"),
+    );
+    c.run_root(1, &["chmod", "0755", "/usr/local/bin/nvidia-smi"])
+        .assert_ok();
+    let t = Instant::now();
+    let r = c.srun(&[
+        "-N1",
+        "-w",
+        "n1",
+        "--ml-container=demo",
+        "/bin/sh",
+        "-c",
+        "exit 1",
+    ]);
+    let took = t.elapsed();
+    assert_eq!(r.code, Some(1), "{r}");
+    // The probe's 2 s plus the master probe's at most 2 s plus the launch.
+    assert!(took < Duration::from_secs(8), "the step took {took:?}");
+    let rep = report(&c, 1, "n1", Duration::from_secs(1)).expect("report");
+    assert_eq!(rep["node_state"]["gpus"]["status"], "timed_out", "{rep}");
+    let left = c.run_root(1, &["sh", "-c", "pgrep -fx 'sleep 1000' | wc -l"]);
+    assert_eq!(left.stdout.trim(), "0", "the hung probe was left running");
+}
