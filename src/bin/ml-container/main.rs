@@ -1,52 +1,164 @@
-//! `ml-container`: the admin CLI (SPEC "Admin CLI").
+//! `ml-container`: the admin CLI (SPEC "Admin CLI"). Exit codes: 0 ok,
+//! 1 problem found, 2 usage.
 #![forbid(unsafe_code)]
 
+mod doctor;
+mod registry_cmds;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use slurm_ml_container::config::{PlugstackArgs, SiteConfig};
 use slurm_ml_container::distenv;
 use slurm_ml_container::report;
 
-const USAGE: &str = "usage: ml-container <command> [args]
+const USAGE: &str = "usage: ml-container <command> [args] [--config PATH]
 
 commands:
-  config [--config PATH]   check the site config and print it as loaded
-  diagnose JOBID [--config PATH]
-                           show the failure reports of a job
-  env [--task N] [--config PATH]
-                           print, as export lines, the distributed environment
+  init                     create the registry layout (root:slurm 0755) and catalog
+  add FILE --name N --tag T [--default] [--alias A]... [--description D]
+      [--label K=V]... [--copy-to DIR]
+                           validate, hash and add an image to the catalog
+  remove NAME:TAG          remove a catalog entry (the file stays)
+  list [--json]            the images users can name
+  show IMAGE               what --ml-container=IMAGE resolves to
+  verify IMAGE | --all     check structure, size and sha256
+  doctor                   check config, runtime, plugstack, Slurm, registry
+  diagnose JOBID           show the failure reports of a job
+  env [--task N]           print, as export lines, the distributed environment
                            the plugin sets, from the SLURM_* variables here
+  config                   check the site config and print it as loaded
   version                  print the version and the Slurm it was built for
-  help                     this text
+
+--config PATH reads another site config than /etc/slurm/ml-container.toml.
+Exit codes: 0 ok, 1 problem found, 2 usage.
 ";
 
+/// A small argument reader: flags and options anywhere, the rest positional.
+#[derive(Debug)]
+pub struct Args {
+    items: Vec<Option<String>>,
+}
+
+impl Args {
+    fn new(v: &[String]) -> Args {
+        Args {
+            items: v.iter().cloned().map(Some).collect(),
+        }
+    }
+
+    pub fn flag(&mut self, name: &str) -> bool {
+        let found = self.items.iter().position(|a| a.as_deref() == Some(name));
+        if let Some(i) = found {
+            self.items[i] = None;
+        }
+        found.is_some()
+    }
+
+    pub fn value(&mut self, name: &str) -> Option<String> {
+        let prefix = format!("{name}=");
+        for i in 0..self.items.len() {
+            match self.items[i].as_deref() {
+                Some(a) if a == name => {
+                    self.items[i] = None;
+                    return self.items.get_mut(i + 1).and_then(Option::take);
+                }
+                Some(a) if a.starts_with(&prefix) => {
+                    return self.items[i].take().map(|a| a[prefix.len()..].to_string());
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    pub fn values(&mut self, name: &str) -> Vec<String> {
+        std::iter::from_fn(|| self.value(name)).collect()
+    }
+
+    pub fn positional(&mut self) -> Option<String> {
+        self.items
+            .iter_mut()
+            .find(|a| a.as_deref().is_some_and(|s| !s.starts_with("--")))
+            .and_then(Option::take)
+    }
+
+    pub fn leftover(&self) -> Option<&str> {
+        self.items.iter().flatten().next().map(String::as_str)
+    }
+}
+
+pub fn fail(msg: &str) -> ExitCode {
+    eprintln!("ml-container: {msg}");
+    ExitCode::from(1)
+}
+
+pub fn usage(u: &str) -> ExitCode {
+    eprintln!("ml-container: usage: {u}");
+    ExitCode::from(2)
+}
+
+fn load(config: Option<&str>) -> Result<(SiteConfig, PathBuf), String> {
+    let plug: Vec<String> = config.iter().map(|p| format!("config={p}")).collect();
+    let args = PlugstackArgs::parse(&plug).map_err(|e| e.to_string())?;
+    let path = args.path().to_path_buf();
+    SiteConfig::load(&args)
+        .map(|c| (c, path))
+        .map_err(|e| e.to_string())
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("version") | Some("--version") => {
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = raw.first().cloned() else {
+        eprint!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    match cmd.as_str() {
+        "version" | "--version" => {
             println!(
                 "ml-container {} (built for Slurm {})",
                 env!("CARGO_PKG_VERSION"),
                 slurm_ml_container::spank::BUILT_FOR_SLURM
             );
-            ExitCode::SUCCESS
+            return ExitCode::SUCCESS;
         }
-        Some("config") => config(&args[1..]),
-        Some("env") => env(&args[1..]),
-        Some("diagnose") => diagnose(&args[1..]),
-        Some("help") | Some("--help") | Some("-h") => {
+        "help" | "--help" | "-h" => {
             print!("{USAGE}");
-            ExitCode::SUCCESS
+            return ExitCode::SUCCESS;
         }
-        Some(other) => {
-            eprintln!("ml-container: unknown command '{other}'; run 'ml-container help'");
-            ExitCode::from(2)
-        }
-        None => {
-            eprint!("{USAGE}");
-            ExitCode::from(2)
-        }
+        "env" => return env(&raw[1..]),
+        "diagnose" => return diagnose(&raw[1..]),
+        "config" => return config(&raw[1..]),
+        _ => {}
     }
+    let mut args = Args::new(&raw[1..]);
+    if args.flag("--help") {
+        print!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let config_arg = args.value("--config");
+    let (cfg, cfg_path) = match load(config_arg.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let code = match cmd.as_str() {
+        "init" => registry_cmds::init(&cfg),
+        "add" => return registry_cmds::add(&cfg, &mut args),
+        "remove" => registry_cmds::remove(&cfg, &mut args),
+        "list" => registry_cmds::list(&cfg, &mut args),
+        "show" => registry_cmds::show(&cfg, &mut args),
+        "verify" => registry_cmds::verify(&cfg, &mut args),
+        "doctor" => doctor::doctor(&cfg, &cfg_path),
+        other => {
+            eprintln!("ml-container: unknown command '{other}'; run 'ml-container help'");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(extra) = args.leftover() {
+        eprintln!("ml-container {cmd}: unexpected argument '{extra}'");
+        return ExitCode::from(2);
+    }
+    code
 }
 
 fn config(args: &[String]) -> ExitCode {

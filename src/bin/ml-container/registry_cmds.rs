@@ -1,0 +1,378 @@
+//! The registry subcommands: init, add, remove, list, show, verify.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{IsTerminal, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use sha2::{Digest, Sha256};
+use slurm_ml_container::catalog::{self, Image};
+use slurm_ml_container::catalog_write;
+use slurm_ml_container::config::SiteConfig;
+use slurm_ml_container::integrity;
+use slurm_ml_container::registry::Registry;
+
+use crate::{fail, usage, Args};
+
+/// `init`: the seed 001 layout, root:slurm 0755, and an empty catalog.
+pub fn init(cfg: &SiteConfig) -> ExitCode {
+    let root = cfg.registry.root.as_path();
+    let group = nix::unistd::Group::from_name("slurm")
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw());
+    for dir in [
+        "",
+        "ml-frameworks",
+        "custom-images",
+        "base-images",
+        ".registry",
+    ] {
+        let d = root.join(dir);
+        if let Err(e) = fs::create_dir_all(&d)
+            .and_then(|()| fs::set_permissions(&d, fs::Permissions::from_mode(0o755)))
+            .and_then(|()| std::os::unix::fs::chown(&d, Some(0), group))
+        {
+            return fail(&format!("cannot prepare {}: {e}", d.display()));
+        }
+    }
+    match catalog_write::lock(root).and_then(|l| l.commit()) {
+        Ok(()) => {
+            println!("registry ready at {}", root.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+/// sha256 of `path`, with a progress line on a terminal (multi-GB images
+/// take a while: USERS.md #12).
+fn sha256_with_progress(path: &Path) -> std::io::Result<String> {
+    let mut f = fs::File::open(path)?;
+    let total = f.metadata()?.len().max(1);
+    let show = std::io::stderr().is_terminal() && total > (64 << 20);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut done: u64 = 0;
+    let mut last = std::time::Instant::now();
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        done += n as u64;
+        if show && last.elapsed().as_millis() > 250 {
+            eprint!("\rhashing {}: {:3}%", path.display(), done * 100 / total);
+            let _ = std::io::stderr().flush();
+            last = std::time::Instant::now();
+        }
+    }
+    if show {
+        eprintln!("\rhashing {}: 100%", path.display());
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// `add FILE --name N --tag T [--default] [--alias A]... [--description D]
+/// [--label K=V]... [--copy-to DIR]`
+pub fn add(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
+    const U: &str = "ml-container add FILE --name N --tag T [--default] [--alias A]... \
+                     [--description D] [--label K=V]... [--copy-to DIR]";
+    let Some(file) = args.positional() else {
+        return usage(U);
+    };
+    let (Some(name), Some(tag)) = (args.value("--name"), args.value("--tag")) else {
+        return usage(U);
+    };
+    let default = args.flag("--default");
+    let aliases = args.values("--alias");
+    let description = args.value("--description");
+    let mut labels = BTreeMap::new();
+    for l in args.values("--label") {
+        match l.split_once('=') {
+            Some((k, v)) => {
+                labels.insert(k.to_string(), v.to_string());
+            }
+            None => return usage(U),
+        }
+    }
+    let copy_to = args.value("--copy-to");
+    if let Some(bad) = args.leftover() {
+        return fail(&format!("unexpected argument '{bad}'; usage: {U}"));
+    }
+    if !catalog::valid_name(&name) || !catalog::valid_tag(&tag) {
+        return fail(&format!(
+            "'{name}:{tag}' is not a valid name:tag (lowercase name, tag of letters, digits, . _ -)"
+        ));
+    }
+    let src = PathBuf::from(&file);
+    if let Err(e) = integrity::quick(&src, None) {
+        return fail(&e.to_string());
+    }
+    let root = cfg.registry.root.as_path();
+    let real_root = fs::canonicalize(root).unwrap_or(root.to_path_buf());
+    let stored: PathBuf = match &copy_to {
+        Some(dir) => {
+            if dir.contains('/') || dir == ".." || dir.starts_with('.') {
+                return fail(&format!(
+                    "--copy-to takes a directory name under {}",
+                    root.display()
+                ));
+            }
+            let ext = src.extension().and_then(|e| e.to_str()).unwrap_or("sif");
+            let rel = PathBuf::from(dir).join(format!("{}-{tag}.{ext}", name.replace('/', "_")));
+            let dest = root.join(&rel);
+            let tmp = dest.with_extension("partial");
+            let copied = fs::create_dir_all(root.join(dir))
+                .and_then(|()| fs::copy(&src, &tmp))
+                .and_then(|_| fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)))
+                .and_then(|()| fs::rename(&tmp, &dest));
+            if let Err(e) = copied {
+                let _ = fs::remove_file(&tmp);
+                return fail(&format!(
+                    "cannot copy {} to {}: {e}",
+                    src.display(),
+                    dest.display()
+                ));
+            }
+            rel
+        }
+        None => {
+            let real = match fs::canonicalize(&src) {
+                Ok(p) => p,
+                Err(e) => return fail(&format!("{}: {e}", src.display())),
+            };
+            match real.strip_prefix(&real_root) {
+                Ok(rel) => rel.to_path_buf(),
+                Err(_) if cfg.allowed_image_dirs().iter().any(|d| real.starts_with(d)) => real,
+                Err(_) => {
+                    return fail(&format!(
+                        "{} is outside the registry {}: add --copy-to ml-frameworks to copy it in",
+                        src.display(),
+                        root.display()
+                    ))
+                }
+            }
+        }
+    };
+    let full = if stored.is_absolute() {
+        stored.clone()
+    } else {
+        root.join(&stored)
+    };
+    let size = match fs::metadata(&full) {
+        Ok(m) => m.len(),
+        Err(e) => return fail(&format!("{}: {e}", full.display())),
+    };
+    let sha256 = match sha256_with_progress(&full) {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("cannot hash {}: {e}", full.display())),
+    };
+    let added = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let image = Image {
+        name,
+        tag,
+        path: stored,
+        sha256: Some(sha256),
+        size: Some(size),
+        default,
+        aliases,
+        description,
+        labels,
+        added: Some(added),
+        line: 0,
+    };
+    let reference = image.reference();
+    let result = catalog_write::lock(root).and_then(|mut l| {
+        l.add(image)?;
+        l.commit()
+    });
+    match result {
+        Ok(()) => {
+            println!("added {reference} ({size} bytes)");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+/// `remove NAME:TAG` (the image file stays).
+pub fn remove(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
+    let Some(r) = args.positional() else {
+        return usage("ml-container remove NAME:TAG");
+    };
+    let Some((name, tag)) = r.rsplit_once(':') else {
+        return usage("ml-container remove NAME:TAG");
+    };
+    let result = catalog_write::lock(cfg.registry.root.as_path()).and_then(|mut l| {
+        let gone = l.remove(name, tag)?;
+        l.commit()?;
+        Ok(gone)
+    });
+    match result {
+        Ok(gone) => {
+            println!(
+                "removed {r} (the file {} is left in place)",
+                gone.path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+fn open(cfg: &SiteConfig) -> Result<Registry<'_>, ExitCode> {
+    Registry::open(&cfg.registry).map_err(|e| fail(&e.to_string()))
+}
+
+fn entry_json(im: &Image) -> serde_json::Value {
+    serde_json::json!({
+        "name": im.name, "tag": im.tag, "path": im.path, "sha256": im.sha256,
+        "size": im.size, "default": im.default, "aliases": im.aliases,
+        "description": im.description, "labels": im.labels,
+        "added": im.added.map(catalog_write::format_rfc3339),
+    })
+}
+
+/// `list [--json]`
+pub fn list(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
+    let json = args.flag("--json");
+    let reg = match open(cfg) {
+        Ok(r) => r,
+        Err(c) => return c,
+    };
+    let images = &reg.catalog().images;
+    if json {
+        let v: Vec<serde_json::Value> = images.iter().map(entry_json).collect();
+        println!("{}", serde_json::Value::Array(v));
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<24} {:<16} {:>3} {:>12}  PATH",
+        "NAME", "TAG", "DEF", "SIZE"
+    );
+    for im in images {
+        println!(
+            "{:<24} {:<16} {:>3} {:>12}  {}",
+            im.name,
+            im.tag,
+            if im.default { "*" } else { "" },
+            im.size.map_or("-".to_string(), |s| s.to_string()),
+            im.path.display()
+        );
+    }
+    for n in reg.scanned_names() {
+        if !images.iter().any(|i| i.name == n) {
+            println!("{n:<24} {:<16} {:>3} {:>12}  (found by scan)", "-", "", "-");
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `show IMAGE`: what srun would run for IMAGE.
+pub fn show(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
+    let Some(r) = args.positional() else {
+        return usage("ml-container show IMAGE");
+    };
+    let reg = match open(cfg) {
+        Ok(r) => r,
+        Err(c) => return c,
+    };
+    match reg.resolve(&r) {
+        Ok(pin) => {
+            println!(
+                "{r} -> {} ({} bytes, via {:?})",
+                pin.path.display(),
+                pin.size,
+                pin.source
+            );
+            if let (Some(n), Some(t)) = (&pin.name, &pin.tag) {
+                if let Some(im) = reg.catalog().get(n, t) {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&entry_json(im)).unwrap_or_default()
+                    );
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
+/// `verify [IMAGE | --all]`: structure, size and sha256 of catalog images.
+pub fn verify(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
+    let all = args.flag("--all");
+    let one = args.positional();
+    if all == one.is_some() {
+        return usage("ml-container verify IMAGE | --all");
+    }
+    let reg = match open(cfg) {
+        Ok(r) => r,
+        Err(c) => return c,
+    };
+    let targets: Vec<Image> = if all {
+        reg.catalog().images.clone()
+    } else {
+        let r = one.unwrap_or_default();
+        match reg.resolve(&r) {
+            Ok(pin) => match (&pin.name, &pin.tag) {
+                (Some(n), Some(t)) => reg.catalog().get(n, t).cloned().into_iter().collect(),
+                _ => vec![Image {
+                    name: r.clone(),
+                    tag: "-".into(),
+                    path: pin.path,
+                    sha256: None,
+                    size: None,
+                    default: false,
+                    aliases: vec![],
+                    description: None,
+                    labels: BTreeMap::new(),
+                    added: None,
+                    line: 0,
+                }],
+            },
+            Err(e) => return fail(&e.to_string()),
+        }
+    };
+    let mut bad = 0;
+    for im in &targets {
+        let path = if im.path.is_absolute() {
+            im.path.clone()
+        } else {
+            reg.root().join(&im.path)
+        };
+        let outcome = integrity::quick(&path, im.size)
+            .map_err(|e| e.to_string())
+            .and_then(|()| match &im.sha256 {
+                Some(want) => {
+                    let got = sha256_with_progress(&path).map_err(|e| e.to_string())?;
+                    if &got == want {
+                        Ok("sha256 ok")
+                    } else {
+                        Err(format!(
+                            "sha256 is {got}, the catalog says {want}: corrupted or replaced"
+                        ))
+                    }
+                }
+                None => Ok("structure ok (no sha256 in the catalog)"),
+            });
+        match outcome {
+            Ok(what) => println!("OK   {}:{} {what}", im.name, im.tag),
+            Err(e) => {
+                bad += 1;
+                println!("FAIL {}:{} {e}", im.name, im.tag);
+            }
+        }
+    }
+    if bad > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

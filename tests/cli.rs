@@ -1,0 +1,285 @@
+//! The admin CLI on a real registry in a temporary directory (issue 7):
+//! concurrent writers and readers, verify, doctor, exit codes. Runs as root
+//! (the CLI chowns the registry to root, as `init` does on a cluster).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use slurm_ml_container::config::{PlugstackArgs, SiteConfig};
+use slurm_ml_container::registry::Registry;
+use slurm_ml_container::sif;
+
+struct Env {
+    dir: PathBuf,
+    config: PathBuf,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn env(name: &str, extra_config: &str) -> Env {
+    let dir = std::env::temp_dir().join(format!("mlc-cli-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let config = dir.join("ml-container.toml");
+    fs::write(
+        &config,
+        format!(
+            "[registry]\nroot = \"{}/containers\"\n{extra_config}",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    Env { dir, config }
+}
+
+fn cli(e: &Env, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ml-container"))
+        .args(args)
+        .arg("--config")
+        .arg(&e.config)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A structurally valid 1 MiB SIF (sparse).
+fn sif_file(path: &Path) {
+    let f = fs::File::create(path).unwrap();
+    f.write_all_at(&sif::example_header(1 << 20), 0).unwrap();
+    f.set_len(1 << 20).unwrap();
+}
+
+fn root(e: &Env) -> PathBuf {
+    e.dir.join("containers")
+}
+
+#[test]
+fn init_add_list_show_remove() {
+    let e = env("basic", "");
+    let o = cli(&e, &["init"]);
+    assert!(o.status.success(), "{}", text(&o));
+    for d in ["ml-frameworks", "custom-images", "base-images", ".registry"] {
+        let m = fs::metadata(root(&e).join(d)).unwrap();
+        assert_eq!(m.permissions().mode() & 0o777, 0o755, "{d}");
+    }
+    let src = e.dir.join("outside.sif");
+    sif_file(&src);
+    // Outside the registry without --copy-to: refused with the fix.
+    let o = cli(
+        &e,
+        &[
+            "add",
+            src.to_str().unwrap(),
+            "--name",
+            "pytorch",
+            "--tag",
+            "2.1",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("--copy-to"), "{}", text(&o));
+    let o = cli(
+        &e,
+        &[
+            "add",
+            src.to_str().unwrap(),
+            "--name",
+            "pytorch",
+            "--tag",
+            "2.1",
+            "--default",
+            "--alias",
+            "nvcr.io/nvidia/pytorch:24.01-py3",
+            "--copy-to",
+            "ml-frameworks",
+            "--label",
+            "cuda=12.1",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(root(&e).join("ml-frameworks/pytorch-2.1.sif").is_file());
+    // Duplicates are refused.
+    let o = cli(
+        &e,
+        &[
+            "add",
+            src.to_str().unwrap(),
+            "--name",
+            "pytorch",
+            "--tag",
+            "2.1",
+            "--copy-to",
+            "ml-frameworks",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+
+    let o = cli(&e, &["list", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v[0]["name"], "pytorch");
+    assert_eq!(v[0]["size"], 1 << 20);
+    assert_eq!(v[0]["sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(v[0]["labels"]["cuda"], "12.1");
+    let o = cli(&e, &["show", "nvcr.io/nvidia/pytorch:24.01-py3"]);
+    assert!(
+        o.status.success() && text(&o).contains("pytorch-2.1.sif"),
+        "{}",
+        text(&o)
+    );
+    let o = cli(&e, &["show", "pytroch"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("closest: pytorch"), "{}", text(&o));
+
+    let o = cli(&e, &["remove", "pytorch:2.1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = cli(&e, &["list", "--json"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
+    assert_eq!(cli(&e, &["remove", "pytorch:2.1"]).status.code(), Some(1));
+    assert_eq!(cli(&e, &["add"]).status.code(), Some(2));
+    assert_eq!(cli(&e, &["frobnicate"]).status.code(), Some(2));
+}
+
+#[test]
+fn fifty_concurrent_adds_and_a_thousand_resolutions() {
+    let e = env("concurrent", "");
+    assert!(cli(&e, &["init"]).status.success());
+    let frameworks = root(&e).join("ml-frameworks");
+    for i in 0..50 {
+        sif_file(&frameworks.join(format!("img{i}.sif")));
+    }
+    let cfg = SiteConfig::load(
+        &PlugstackArgs::parse(&[format!("config={}", e.config.display())]).unwrap(),
+    )
+    .unwrap();
+    let cfg = Arc::new(cfg);
+    let stop = Arc::new(AtomicBool::new(false));
+    let resolutions = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let (cfg, stop, n, errors) = (
+                cfg.clone(),
+                stop.clone(),
+                resolutions.clone(),
+                errors.clone(),
+            );
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) || n.load(Ordering::SeqCst) < 1000 {
+                    match Registry::open(&cfg.registry) {
+                        // A name not added yet is fine; a catalog that
+                        // does not parse is not.
+                        Ok(reg) => {
+                            let _ = reg.resolve("img0");
+                        }
+                        Err(err) => errors.lock().unwrap().push(err.to_string()),
+                    }
+                    n.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    let writers: Vec<_> = (0..50)
+        .map(|i| {
+            let file = frameworks.join(format!("img{i}.sif"));
+            let config = e.config.clone();
+            std::thread::spawn(move || {
+                Command::new(env!("CARGO_BIN_EXE_ml-container"))
+                    .args([
+                        "add",
+                        file.to_str().unwrap(),
+                        "--name",
+                        &format!("img{i}"),
+                        "--tag",
+                        "1",
+                    ])
+                    .arg("--config")
+                    .arg(&config)
+                    .output()
+                    .unwrap()
+            })
+        })
+        .collect();
+    for w in writers {
+        let o = w.join().unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    stop.store(true, Ordering::SeqCst);
+    for r in readers {
+        r.join().unwrap();
+    }
+    let errors = errors.lock().unwrap();
+    assert!(
+        errors.is_empty(),
+        "{} reader errors, first: {:?}",
+        errors.len(),
+        errors.first()
+    );
+    assert!(resolutions.load(Ordering::SeqCst) >= 1000);
+    let reg = Registry::open(&cfg.registry).unwrap();
+    assert_eq!(reg.catalog().images.len(), 50);
+    for i in 0..50 {
+        assert!(reg.resolve(&format!("img{i}:1")).is_ok(), "img{i}");
+    }
+}
+
+#[test]
+fn verify_names_the_corrupted_image_and_doctor_flags_problems() {
+    let e = env("verify", "[runtime]\npath = \"/nonexistent/apptainer\"\n");
+    assert!(cli(&e, &["init"]).status.success());
+    for name in ["good", "bad"] {
+        let f = root(&e).join(format!("ml-frameworks/{name}.sif"));
+        sif_file(&f);
+        let o = cli(
+            &e,
+            &["add", f.to_str().unwrap(), "--name", name, "--tag", "1"],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let o = cli(&e, &["verify", "--all"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // One flipped byte in the middle of bad.sif's partition.
+    let bad = fs::OpenOptions::new()
+        .write(true)
+        .open(root(&e).join("ml-frameworks/bad.sif"))
+        .unwrap();
+    bad.write_all_at(&[0x5a], 700_000).unwrap();
+    let o = cli(&e, &["verify", "--all"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let out = text(&o);
+    assert!(
+        out.contains("FAIL bad:1") && out.contains("OK   good:1"),
+        "{out}"
+    );
+
+    let catalog = root(&e).join(".registry/catalog.toml");
+    fs::set_permissions(&catalog, fs::Permissions::from_mode(0o666)).unwrap();
+    let o = cli(&e, &["doctor"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let out = text(&o);
+    assert!(
+        out.contains("PROBLEM catalog") && out.contains("writable by group or others"),
+        "{out}"
+    );
+    assert!(
+        out.contains("PROBLEM container runtime 'apptainer' is not installed"),
+        "{out}"
+    );
+}
