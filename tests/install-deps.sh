@@ -9,5 +9,6 @@ apt-get install -y -qq --no-install-recommends \
     slurmctld slurmd slurm-client libslurm-dev munge \
     debootstrap libclang-dev valgrind iproute2 util-linux procps \
     ca-certificates charliecloud-runtime squashfs-tools squashfuse busybox-static \
+    lintian dpkg-dev xz-utils \
     >/dev/null
 # The packages' own daemons are not used: the tests run their own clusters.

@@ -29,7 +29,8 @@ log() { echo "cluster: $*" >&2; }
 die() { log "$*"; exit 1; }
 
 [[ $$ == 1 ]] || die "must run as pid 1 of a new pid namespace (unshare --pid --fork)"
-[[ -f $PLUGIN ]] || die "plugin $PLUGIN not found"
+# PLUGIN "-": install no plugin (a test installs the package instead).
+[[ $PLUGIN == - || -f $PLUGIN ]] || die "plugin $PLUGIN not found"
 
 mount --make-rprivate /
 mount -t tmpfs -o mode=0755 mlc-scratch "$SCRATCH"
@@ -46,7 +47,7 @@ mount -t tmpfs -o mode=0755 tmpfs "$R/run"
 [[ -e /dev/fuse ]] && chmod 0666 /dev/fuse
 
 plugin_dir=/usr/lib/x86_64-linux-gnu/slurm-wlm
-install -m 0755 "$PLUGIN" "$R$plugin_dir/spank_ml_container.so"
+[[ $PLUGIN == - ]] || install -m 0755 "$PLUGIN" "$R$plugin_dir/spank_ml_container.so"
 mkdir -p "$R/etc/slurm/plugstack.conf.d" "$R/var/log/slurm" "$R/var/spool/slurmctld"
 for i in $(seq 1 "$NODES"); do mkdir -p "$R/var/spool/slurmd/n$i"; done
 echo 'include /etc/slurm/plugstack.conf.d/*.conf' >"$R/etc/slurm/plugstack.conf"
@@ -154,13 +155,16 @@ for i in $(seq 1 "$NODES"); do
 done
 
 # One anchor per node holds its namespaces (net from ip netns, a UTS with
-# the node's hostname); every daemon and test command enters the anchor.
+# the node's hostname, a mount namespace with its own /tmp); every daemon
+# and test command enters the anchor.
 declare -A anchor
 for i in $(seq 1 "$NODES"); do
     # nsenter --net rather than "ip netns exec": the latter remounts /sys,
     # which hides the cgroup mounts Slurm 22.05's slurmd insists on.
-    nsenter --net="/run/netns/n$i" -- unshare --uts -- \
-        bash -c "hostname n$i; exec -a mlc-anchor-n$i sleep infinity" &
+    # Each node also gets its own /tmp, as real nodes have: Slurm's PMIx
+    # plugin, for one, creates the same /tmp/spmix_appdir_* on every node.
+    nsenter --net="/run/netns/n$i" -- unshare --uts --mount --propagation private -- \
+        bash -c "mount -t tmpfs -o mode=1777 tmpfs /tmp; hostname n$i; exec -a mlc-anchor-n$i sleep infinity" &
     anchor[$i]=$!
 done
 sleep 0.2

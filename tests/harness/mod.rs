@@ -204,6 +204,9 @@ pub struct Options {
     pub copies: Vec<(PathBuf, String)>,
     /// Host directories bound read-only into the root: (host dir, path inside).
     pub binds: Vec<(PathBuf, String)>,
+    /// Install the freshly built plugin, CLI and launcher (false: a test
+    /// installs the Debian package itself).
+    pub install_plugin: bool,
 }
 
 impl Options {
@@ -303,6 +306,20 @@ pub fn sqfs_image(marker: &str) -> PathBuf {
     out
 }
 
+/// `packaging/build-deb.sh SLURM OUT VERSION`: the package's path.
+pub fn build_deb(slurm: Slurm, version: &str) -> PathBuf {
+    let out = Command::new("bash")
+        .arg(manifest_dir().join("packaging/build-deb.sh"))
+        .arg(slurm.name())
+        .arg(target_dir().join("debs"))
+        .arg(version)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run packaging/build-deb.sh");
+    assert!(out.status.success(), "building the package failed");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
 /// The registry root in the test clusters (the config default).
 pub const REGISTRY: &str = "/opt/containers";
 
@@ -368,6 +385,7 @@ impl Default for Options {
             files: Vec::new(),
             copies: Vec::new(),
             binds: Vec::new(),
+            install_plugin: true,
         }
     }
 }
@@ -396,7 +414,11 @@ impl Cluster {
             running_as_root(),
             "the cluster tests need root (namespaces, mounts); run them as root"
         );
-        let plugin = plugin(slurm, opts.fault_injection);
+        let plugin = if opts.install_plugin {
+            plugin(slurm, opts.fault_injection)
+        } else {
+            PathBuf::from("-")
+        };
         let lower = slurm.lower();
         let serial = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
 
@@ -404,10 +426,13 @@ impl Cluster {
         let stage = scratch.join("stage");
         let snippet = fs::read_to_string(manifest_dir().join("plugstack/ml-container.conf"))
             .expect("read plugstack/ml-container.conf");
-        let mut files = vec![(
-            "/etc/slurm/plugstack.conf.d/ml-container.conf".to_string(),
-            snippet,
-        )];
+        let mut files = Vec::new();
+        if opts.install_plugin {
+            files.push((
+                "/etc/slurm/plugstack.conf.d/ml-container.conf".to_string(),
+                snippet,
+            ));
+        }
         files.extend(opts.files.iter().cloned());
         for (path, content) in &files {
             let dest = stage.join(path.trim_start_matches('/'));
@@ -415,16 +440,21 @@ impl Cluster {
             fs::write(&dest, content).expect("stage file");
         }
         // The CLI and the pre-23.11 launcher, as the package installs them.
-        for (host, inside) in [
-            (
-                env!("CARGO_BIN_EXE_ml-container"),
-                "/usr/local/bin/ml-container",
-            ),
-            (
-                env!("CARGO_BIN_EXE_ml-container-launch"),
-                "/usr/libexec/slurm-ml-container/ml-container-launch",
-            ),
-        ] {
+        let tools: &[(&str, &str)] = if opts.install_plugin {
+            &[
+                (
+                    env!("CARGO_BIN_EXE_ml-container"),
+                    "/usr/local/bin/ml-container",
+                ),
+                (
+                    env!("CARGO_BIN_EXE_ml-container-launch"),
+                    "/usr/libexec/slurm-ml-container/ml-container-launch",
+                ),
+            ]
+        } else {
+            &[]
+        };
+        for &(host, inside) in tools {
             let dest = stage.join(inside.trim_start_matches('/'));
             fs::create_dir_all(dest.parent().expect("parent")).expect("stage dir");
             fs::copy(host, &dest).unwrap_or_else(|e| panic!("stage {host}: {e}"));
@@ -493,9 +523,16 @@ impl Cluster {
         }
     }
 
-    /// A path inside the cluster's root, as seen from the test process.
+    /// A path inside the cluster, as node n1 sees it (each node has its own
+    /// /tmp; everything else is shared), from the test process.
     pub fn path(&self, inside: &str) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/root", self.pid1)).join(inside.trim_start_matches('/'))
+        self.path_on(1, inside)
+    }
+
+    /// A path as node `node` sees it.
+    pub fn path_on(&self, node: usize, inside: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root", self.anchors[node - 1]))
+            .join(inside.trim_start_matches('/'))
     }
 
     pub fn write(&self, inside: &str, content: &str, mode: u32) {

@@ -147,11 +147,11 @@ fn task_prolog_and_tmpdir_still_work() {
             "--ml-container=demo",
             "/bin/sh",
             "-c",
-            "echo $FROM_PROLOG; echo ok > $TMPDIR/f.$SLURM_PROCID && cat $TMPDIR/f.$SLURM_PROCID",
+            "echo $FROM_PROLOG $(echo ok > $TMPDIR/f.$SLURM_PROCID && cat $TMPDIR/f.$SLURM_PROCID)",
         ],
     );
     r.assert_ok();
-    assert_eq!(r.stdout, "prolog-ran\nok\nprolog-ran\nok\n", "{r}");
+    assert_eq!(r.stdout, "prolog-ran ok\nprolog-ran ok\n", "{r}");
 }
 
 fn commands_are_looked_up_in_the_image() {

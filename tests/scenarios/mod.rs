@@ -4,6 +4,7 @@ pub mod distributed;
 pub mod execution;
 pub mod failure;
 pub mod foundation;
+pub mod package;
 pub mod registry;
 
 /// Instantiates scenarios for both Slurm releases.
