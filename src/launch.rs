@@ -55,6 +55,30 @@ impl fmt::Display for LaunchError {
 
 impl std::error::Error for LaunchError {}
 
+/// Where runtimes are looked up when `runtime.path` is not set.
+pub const RUNTIME_DIRS: &[&str] = &["/usr/local/bin", "/usr/bin", "/bin"];
+
+/// The runtime's program name for its kind.
+pub fn runtime_name(kind: RuntimeKind) -> &'static str {
+    match kind {
+        RuntimeKind::Apptainer => "apptainer",
+        RuntimeKind::Singularity => "singularity",
+        RuntimeKind::Charliecloud => "ch-run",
+    }
+}
+
+/// The runtime binary: `runtime.path`, else the kind's program in
+/// [`RUNTIME_DIRS`]; `None` when it is not installed.
+pub fn runtime_binary(cfg: &SiteConfig) -> Option<PathBuf> {
+    if let Some(p) = &cfg.runtime.path {
+        return p.as_path().is_file().then(|| p.0.clone());
+    }
+    RUNTIME_DIRS
+        .iter()
+        .map(|d| Path::new(d).join(runtime_name(cfg.runtime.kind)))
+        .find(|p| p.is_file())
+}
+
 /// Whether `path` is, or (except for `/` itself) lies under, a denied path.
 pub fn denied_by<'a>(path: &Path, denied: &'a [PathBuf]) -> Option<&'a Path> {
     denied

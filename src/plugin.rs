@@ -8,7 +8,7 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use crate::config::{ConfigError, PlugstackArgs, RuntimeKind, SiteConfig};
@@ -426,12 +426,12 @@ fn prepare_on_node(
             Verified::Hashed { millis } => format!("sha256 hashed in {millis} ms"),
         }
     );
-    let runtime = runtime_path(config).ok_or_else(|| {
+    let runtime = launch::runtime_binary(config).ok_or_else(|| {
         PluginError::Node(format!(
             "the container runtime '{}' is not installed (looked in {}); install it or set \
              runtime.path in the site config",
-            runtime_name(config),
-            RUNTIME_DIRS.join(", ")
+            launch::runtime_name(config.runtime.kind),
+            launch::RUNTIME_DIRS.join(", ")
         ))
     })?;
     let (binds, notes) = launch::binds(config, &opts.mounts, &|p| p.exists())?;
@@ -520,26 +520,6 @@ fn set_batch_env(host: &mut dyn Host, config: &SiteConfig) -> Result<(), PluginE
         host.set_job_env(distenv::OWNED_ENV, &distenv::owned_record(&set))?;
     }
     Ok(())
-}
-
-const RUNTIME_DIRS: &[&str] = &["/usr/local/bin", "/usr/bin", "/bin"];
-
-fn runtime_name(config: &SiteConfig) -> &'static str {
-    match config.runtime.kind {
-        crate::config::RuntimeKind::Apptainer => "apptainer",
-        crate::config::RuntimeKind::Singularity => "singularity",
-        crate::config::RuntimeKind::Charliecloud => "ch-run",
-    }
-}
-
-fn runtime_path(config: &SiteConfig) -> Option<PathBuf> {
-    if let Some(p) = &config.runtime.path {
-        return p.as_path().is_file().then(|| p.0.clone());
-    }
-    RUNTIME_DIRS
-        .iter()
-        .map(|d| Path::new(d).join(runtime_name(config)))
-        .find(|p| p.is_file())
 }
 
 fn hostname() -> String {

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use slurm_ml_container::config::{RuntimeKind, SiteConfig};
+use slurm_ml_container::config::SiteConfig;
+use slurm_ml_container::launch;
 use slurm_ml_container::probe::{run_with_timeout, CommandProbe};
 use slurm_ml_container::registry::Registry;
 use slurm_ml_container::secure;
@@ -40,21 +41,8 @@ pub fn doctor(cfg: &SiteConfig, config_path: &Path) -> ExitCode {
     f.ok(format!("config {} is valid", config_path.display()));
 
     // The runtime.
-    let name = match cfg.runtime.kind {
-        RuntimeKind::Apptainer => "apptainer",
-        RuntimeKind::Singularity => "singularity",
-        RuntimeKind::Charliecloud => "ch-run",
-    };
-    let runtime = match &cfg.runtime.path {
-        Some(p) => Some(p.0.clone()).filter(|p| p.is_file()),
-        None => None,
-    }
-    .or_else(|| {
-        ["/usr/local/bin", "/usr/bin", "/bin"]
-            .iter()
-            .map(|d| Path::new(d).join(name))
-            .find(|p| p.is_file())
-    });
+    let name = launch::runtime_name(cfg.runtime.kind);
+    let runtime = launch::runtime_binary(cfg);
     match runtime {
         Some(p) => match run_with_timeout(&p, &["--version"], t) {
             CommandProbe::Ok(v) => f.ok(format!("runtime {} ({v})", p.display())),

@@ -126,9 +126,6 @@ fn main() -> ExitCode {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
         }
-        "env" => return env(&raw[1..]),
-        "diagnose" => return diagnose(&raw[1..]),
-        "config" => return config(&raw[1..]),
         _ => {}
     }
     let mut args = Args::new(&raw[1..]);
@@ -149,6 +146,9 @@ fn main() -> ExitCode {
         "show" => registry_cmds::show(&cfg, &mut args),
         "verify" => registry_cmds::verify(&cfg, &mut args),
         "doctor" => doctor::doctor(&cfg, &cfg_path),
+        "config" => config(&cfg),
+        "env" => env(&cfg, &mut args),
+        "diagnose" => diagnose(&cfg, &mut args),
         other => {
             eprintln!("ml-container: unknown command '{other}'; run 'ml-container help'");
             return ExitCode::from(2);
@@ -161,120 +161,42 @@ fn main() -> ExitCode {
     code
 }
 
-fn config(args: &[String]) -> ExitCode {
-    let mut plug = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match (a.as_str(), it.next()) {
-            ("--config", Some(p)) => plug.push(format!("config={p}")),
-            _ => {
-                eprintln!("ml-container config: usage: ml-container config [--config PATH]");
-                return ExitCode::from(2);
-            }
+/// `config`: the site config as the plugin would load it.
+fn config(cfg: &SiteConfig) -> ExitCode {
+    match toml::to_string_pretty(cfg) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
         }
-    }
-    let loaded = PlugstackArgs::parse(&plug).and_then(|a| SiteConfig::load(&a));
-    match loaded {
-        Ok(cfg) => match toml::to_string_pretty(&cfg) {
-            Ok(text) => {
-                print!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("ml-container config: cannot print the config: {e}");
-                ExitCode::from(1)
-            }
-        },
-        Err(e) => {
-            eprintln!("ml-container config: {e}");
-            ExitCode::from(1)
-        }
+        Err(e) => fail(&format!("cannot print the config: {e}")),
     }
 }
 
-/// `ml-container env [--task N] [--config PATH]`: the variables the plugin
-/// would set for this task (or task N), as `export` lines; for debugging
-/// and for batch scripts.
-fn env(args: &[String]) -> ExitCode {
-    const USAGE: &str = "usage: ml-container env [--task N] [--config PATH]";
-    let mut plug = Vec::new();
-    let mut task = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match (a.as_str(), it.next()) {
-            ("--config", Some(p)) => plug.push(format!("config={p}")),
-            ("--task", Some(n)) => match n.parse::<u32>() {
-                Ok(n) => task = Some(n),
-                Err(_) => {
-                    eprintln!("ml-container env: --task takes a task number, got '{n}'");
-                    return ExitCode::from(2);
-                }
-            },
-            _ => {
-                eprintln!("ml-container env: {USAGE}");
-                return ExitCode::from(2);
-            }
-        }
-    }
-    let cfg = match PlugstackArgs::parse(&plug).and_then(|a| SiteConfig::load(&a)) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("ml-container env: {e}");
-            return ExitCode::from(1);
-        }
+/// `env [--task N]`: the variables the plugin would set for this task (or
+/// task N), as `export` lines; for debugging and for batch scripts.
+fn env(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
+    let task = match args.value("--task").map(|n| n.parse::<u32>()) {
+        None => None,
+        Some(Ok(n)) => Some(n),
+        Some(Err(_)) => return usage("ml-container env [--task N]"),
     };
     let get = |k: &str| std::env::var(k).ok();
-    let vars = distenv::facts_for(&get, task).and_then(|f| distenv::contract(&cfg, &f));
-    match vars {
+    match distenv::facts_for(&get, task).and_then(|f| distenv::contract(cfg, &f)) {
         Ok(vars) => {
             for (k, v) in vars {
                 println!("{}", distenv::shell_export(&k, &v));
             }
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("ml-container env: {e}");
-            ExitCode::from(1)
-        }
+        Err(e) => fail(&e.to_string()),
     }
 }
 
-/// `ml-container diagnose JOBID [--config PATH]`: the job's failure
-/// reports, for a person. Exit 0 when reports were shown, 1 when there are
-/// none (or they cannot be read), 2 on bad usage.
-fn diagnose(args: &[String]) -> ExitCode {
-    const USAGE: &str = "usage: ml-container diagnose JOBID [--config PATH]";
-    let mut plug = Vec::new();
-    let mut job = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--config" => match it.next() {
-                Some(p) => plug.push(format!("config={p}")),
-                None => {
-                    eprintln!("ml-container diagnose: {USAGE}");
-                    return ExitCode::from(2);
-                }
-            },
-            other => match other.parse::<u32>() {
-                Ok(n) if job.is_none() => job = Some(n),
-                _ => {
-                    eprintln!("ml-container diagnose: '{other}' is not a job id; {USAGE}");
-                    return ExitCode::from(2);
-                }
-            },
-        }
-    }
-    let Some(job) = job else {
-        eprintln!("ml-container diagnose: {USAGE}");
-        return ExitCode::from(2);
-    };
-    let cfg = match PlugstackArgs::parse(&plug).and_then(|a| SiteConfig::load(&a)) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("ml-container diagnose: {e}");
-            return ExitCode::from(1);
-        }
+/// `diagnose JOBID`: the job's failure reports, for a person. Exit 0 when
+/// reports were shown, 1 when there are none (or they cannot be read).
+fn diagnose(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
+    let Some(job) = args.positional().and_then(|j| j.parse::<u32>().ok()) else {
+        return usage("ml-container diagnose JOBID");
     };
     let dir = cfg.failure.report_dir.as_path();
     match report::read_job(dir, job) {
@@ -287,19 +209,13 @@ fn diagnose(args: &[String]) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Ok(_) => {
-            eprintln!(
-                "ml-container diagnose: no failure reports for job {job} in {}",
-                dir.display()
-            );
-            ExitCode::from(1)
-        }
-        Err(e) => {
-            eprintln!(
-                "ml-container diagnose: no failure reports for job {job} in {} ({e})",
-                dir.display()
-            );
-            ExitCode::from(1)
-        }
+        Ok(_) => fail(&format!(
+            "no failure reports for job {job} in {}",
+            dir.display()
+        )),
+        Err(e) => fail(&format!(
+            "no failure reports for job {job} in {} ({e})",
+            dir.display()
+        )),
     }
 }

@@ -7,7 +7,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use sha2::{Digest, Sha256};
 use slurm_ml_container::catalog::{self, Image};
 use slurm_ml_container::catalog_write;
 use slurm_ml_container::config::SiteConfig;
@@ -47,33 +46,51 @@ pub fn init(cfg: &SiteConfig) -> ExitCode {
     }
 }
 
-/// sha256 of `path`, with a progress line on a terminal (multi-GB images
-/// take a while: USERS.md #12).
-fn sha256_with_progress(path: &Path) -> std::io::Result<String> {
-    let mut f = fs::File::open(path)?;
-    let total = f.metadata()?.len().max(1);
-    let show = std::io::stderr().is_terminal() && total > (64 << 20);
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 4 << 20];
-    let mut done: u64 = 0;
-    let mut last = std::time::Instant::now();
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        done += n as u64;
-        if show && last.elapsed().as_millis() > 250 {
-            eprint!("\rhashing {}: {:3}%", path.display(), done * 100 / total);
+/// Counts what passes through, printing a progress line now and then.
+struct Progress<R> {
+    inner: R,
+    path: PathBuf,
+    total: u64,
+    done: u64,
+    last: std::time::Instant,
+}
+
+impl<R: Read> Read for Progress<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.done += n as u64;
+        if self.last.elapsed().as_millis() > 250 || n == 0 {
+            eprint!(
+                "\rhashing {}: {:3}%",
+                self.path.display(),
+                self.done * 100 / self.total.max(1)
+            );
+            if n == 0 {
+                eprintln!();
+            }
             let _ = std::io::stderr().flush();
-            last = std::time::Instant::now();
+            self.last = std::time::Instant::now();
         }
+        Ok(n)
     }
-    if show {
-        eprintln!("\rhashing {}: 100%", path.display());
+}
+
+/// sha256 of `path`, with a progress line on a terminal for large files
+/// (multi-GB images take a while: USERS.md #12).
+fn sha256_with_progress(path: &Path) -> std::io::Result<String> {
+    let f = fs::File::open(path)?;
+    let total = f.metadata()?.len();
+    if std::io::stderr().is_terminal() && total > (64 << 20) {
+        integrity::sha256_reader(Progress {
+            inner: f,
+            path: path.to_path_buf(),
+            total,
+            done: 0,
+            last: std::time::Instant::now(),
+        })
+    } else {
+        integrity::sha256_reader(f)
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// `add FILE --name N --tag T [--default] [--alias A]... [--description D]
