@@ -281,8 +281,7 @@ pub fn init_post_opt(host: &mut dyn Host) -> Result<(), PluginError> {
             let config = config.map_err(PluginError::Config)?;
             let image = st.options.image.clone().ok_or(PluginError::NoImage)?;
             log::debug!("options: {}", st.options.summary());
-            launch::check_user_binds(&config, &st.options.mounts)
-                .map_err(|e| PluginError::Config(e.to_string()))?;
+            launch::check_user_binds(&config, &st.options.mounts)?;
             if ctx == Context::Local {
                 record_srun_argv(host);
             }
