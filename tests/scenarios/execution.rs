@@ -266,36 +266,18 @@ fn nv_exactly_when_the_step_has_gpus() {
             .map(str::to_string)
             .collect()
     };
-    c.srun(&["-N1", "-w", "n1", "--ml-container=demo", "/bin/true"])
-        .assert_ok();
-    c.srun(&[
-        "-N1",
-        "-w",
-        "n1",
-        "--gres=gpu:1",
-        "--ml-container=demo",
-        "/bin/true",
-    ])
-    .assert_ok();
-    c.srun(&[
-        "-N1",
-        "-w",
-        "n1",
-        "--gres=gpu:1",
-        "--ml-container-gpus=off",
-        "--ml-container=demo",
-        "/bin/true",
-    ])
-    .assert_ok();
-    c.srun(&[
-        "-N1",
-        "-w",
-        "n1",
-        "--ml-container-gpus=on",
-        "--ml-container=demo",
-        "/bin/true",
-    ])
-    .assert_ok();
+    // No GPUs; GPUs; GPUs with gpus=off; no GPUs with gpus=on.
+    for extra in [
+        &[][..],
+        &["--gres=gpu:1"][..],
+        &["--gres=gpu:1", "--ml-container-gpus=off"][..],
+        &["--ml-container-gpus=on"][..],
+    ] {
+        let mut args = vec!["-N1", "-w", "n1"];
+        args.extend_from_slice(extra);
+        args.extend(["--ml-container=demo", "/bin/true"]);
+        c.srun(&args).assert_ok();
+    }
     let lines = logged(&c);
     assert_eq!(lines.len(), 4, "{lines:#?}");
     let nv: Vec<bool> = lines.iter().map(|l| l.contains(" exec --nv ")).collect();
