@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::harness::{Cluster, Options, Slurm, HOME};
+use crate::harness::{mpi_image, Cluster, Options, Slurm, HOME};
 use slurm_ml_container::hostlist;
 
 crate::on_slurm_24_11!(
@@ -165,24 +165,59 @@ fn heterogeneous_step_agrees_with_slurm() {
     }
 }
 
-/// Rank 0 listens on MASTER_ADDR:MASTER_PORT and collects one line from
-/// every other rank; prints what arrived. Busybox nc serves one connection
-/// per run, so rank 0 listens WORLD_SIZE-1 times and the others retry.
-const RENDEZVOUS: &str = r#"
-if [ "$RANK" = 0 ]; then
-    i=1
-    while [ $i -lt $WORLD_SIZE ]; do
-        timeout 30 nc -l -p $MASTER_PORT </dev/null
-        i=$((i + 1))
-    done
-else
-    n=0
-    until echo "hello from rank $RANK" | timeout 5 nc $MASTER_ADDR $MASTER_PORT; do
-        n=$((n + 1)); [ $n -gt 200 ] && { echo "rank $RANK gave up"; exit 1; }
-        sleep 0.1
-    done
-fi
+/// Rank 0 listens on MASTER_ADDR:MASTER_PORT and prints the one line each
+/// other rank sends; the others retry until rank 0 listens. Python's
+/// sockets (in the `mpi` image), as a real rendezvous would: every accepted
+/// connection is read to its end, so nothing is lost or counted twice.
+const RENDEZVOUS: &str = r#"import os, socket, sys, time
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+print("port", port, flush=True)
+if rank == 0:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("", port))
+    s.listen(64)
+    s.settimeout(90)
+    for _ in range(world - 1):
+        c, _ = s.accept()
+        c.settimeout(30)
+        data = b""
+        while True:
+            chunk = c.recv(256)
+            if not chunk:
+                break
+            data += chunk
+        print(data.decode().strip(), flush=True)
+        c.close()
+else:
+    deadline = time.time() + 90
+    while True:
+        try:
+            c = socket.create_connection((addr, port), timeout=5)
+            break
+        except OSError:
+            if time.time() > deadline:
+                sys.exit("rank %d gave up" % rank)
+            time.sleep(0.1)
+    c.sendall(b"hello from rank %d\n" % rank)
+    c.close()
 "#;
+
+/// Puts the rendezvous program into the user's home (bound into the
+/// container by Apptainer) and returns its path.
+fn rendezvous_program(c: &Cluster) -> String {
+    let path = format!("{HOME}/rendezvous.py");
+    c.write(&path, RENDEZVOUS, 0o644);
+    path
+}
+
+fn mpi_cluster() -> Cluster {
+    Cluster::start_with(
+        Slurm::V24_11,
+        Options::default().copy(&mpi_image(), "/opt/containers/ml-frameworks/mpi.sqfs"),
+    )
+}
 
 fn arrivals(stdout: &str) -> Vec<u32> {
     let mut got: Vec<u32> = stdout
@@ -195,30 +230,24 @@ fn arrivals(stdout: &str) -> Vec<u32> {
 }
 
 fn ranks_rendezvous_with_rank_0_across_nodes() {
-    let c = cluster(2, &["demo"]);
-    let r = c.srun(&[
-        "-N2",
-        "-n4",
-        "--ml-container=demo",
-        "/bin/sh",
-        "-c",
-        RENDEZVOUS,
-    ]);
+    let c = mpi_cluster();
+    let prog = rendezvous_program(&c);
+    let r = c.srun(&["-N2", "-n4", "--ml-container=mpi", "python3", &prog]);
     r.assert_ok();
     assert_eq!(arrivals(&r.stdout), [1, 2, 3], "{r}");
 }
 
 fn concurrent_steps_get_different_ports_and_both_rendezvous() {
-    let c = cluster(2, &["demo"]);
+    let c = mpi_cluster();
+    let prog = rendezvous_program(&c);
     let script = format!(
         "#!/bin/sh\n\
          for s in a b; do\n\
-           srun -N2 -n2 --overlap /bin/sh -c 'echo port $MASTER_PORT; {}' >{HOME}/step-$s.out 2>&1 &\n\
+           srun -N2 -n2 --overlap python3 {prog} >{HOME}/step-$s.out 2>&1 &\n\
          done\n\
-         wait\n",
-        RENDEZVOUS.replace('\'', "'\\''")
+         wait\n"
     );
-    sbatch_wait(&c, "steps.sh", &script, &["-N2", "--ml-container=demo"]);
+    sbatch_wait(&c, "steps.sh", &script, &["-N2", "--ml-container=mpi"]);
     let a = c.read(&format!("{HOME}/step-a.out"));
     let b = c.read(&format!("{HOME}/step-b.out"));
     let port = |out: &str| -> BTreeSet<String> {

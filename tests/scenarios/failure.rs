@@ -245,8 +245,9 @@ fn a_hung_probe_costs_at_most_its_timeout() {
     ]);
     let took = t.elapsed();
     assert_eq!(r.code, Some(1), "{r}");
-    // The probe's 2 s plus the master probe's at most 2 s plus the launch.
-    assert!(took < Duration::from_secs(8), "the step took {took:?}");
+    // The probe's 2 s plus the master probe's at most 2 s plus the launch
+    // (generous for a loaded 2-core machine): nowhere near the 1000 s hang.
+    assert!(took < Duration::from_secs(15), "the step took {took:?}");
     let rep = report(&c, 1, "n1", Duration::from_secs(1)).expect("report");
     assert_eq!(rep["node_state"]["gpus"]["status"], "timed_out", "{rep}");
     let left = c.run_root(1, &["sh", "-c", "pgrep -fx 'sleep 1000' | wc -l"]);

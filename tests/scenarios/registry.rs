@@ -218,7 +218,7 @@ fn catalog_rewritten_mid_launch_runs_the_pinned_image() {
     };
 
     // 1. The catalog now says alpha = a1; the waiting step still runs a2.
-    hold("3");
+    hold("8");
     let bg = launch();
     wait_pending();
     c.write(CATALOG, &rewritten, 0o644);
@@ -229,7 +229,7 @@ fn catalog_rewritten_mid_launch_runs_the_pinned_image() {
     assert_eq!(markers(&c, "alpha", "2"), ["a1", "a1"]);
 
     // 2. The pinned file disappears while the step waits: it fails clearly.
-    hold("3");
+    hold("8");
     let bg = launch();
     wait_pending();
     c.remove("/opt/containers/ml-frameworks/a1.sif");
