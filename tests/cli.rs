@@ -154,6 +154,9 @@ fn init_add_list_show_remove() {
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
     assert_eq!(cli(&e, &["remove", "pytorch:2.1"]).status.code(), Some(1));
     assert_eq!(cli(&e, &["add"]).status.code(), Some(2));
+    let help = cli(&e, &["add", "--help"]);
+    assert!(help.status.success(), "{}", text(&help));
+    assert!(String::from_utf8_lossy(&help.stdout).starts_with("usage: ml-container add FILE"));
     assert_eq!(cli(&e, &["frobnicate"]).status.code(), Some(2));
 }
 

@@ -34,6 +34,23 @@ commands:
 Exit codes: 0 ok, 1 problem found, 2 usage.
 ";
 
+/// `ml-container COMMAND --help`: that command's usage and what it does.
+fn command_help(cmd: &str) -> Option<&'static str> {
+    Some(match cmd {
+        "init" => "usage: ml-container init [--config PATH]\n\nCreate the registry root and ml-frameworks/, custom-images/, base-images/,\n.registry/ (root:slurm, 0755) and an empty catalog if there is none.",
+        "add" => "usage: ml-container add FILE --name N --tag T [--default] [--alias A]...\n       [--description D] [--label K=V]... [--copy-to DIR] [--config PATH]\n\nCheck FILE is a sound SIF (or squashfs) image, record its size and sha256,\nand add it to the catalog under a lock (atomic rewrite). FILE must be inside\nthe registry, or --copy-to DIR copies it to <root>/DIR/<name>-<tag>.sif.\n--default makes it what a bare NAME means.",
+        "remove" => "usage: ml-container remove NAME:TAG [--config PATH]\n\nRemove a catalog entry (atomic rewrite). The image file stays.",
+        "list" => "usage: ml-container list [--json] [--config PATH]\n\nThe catalog's images and the <name>.sif files the scan finds.",
+        "show" => "usage: ml-container show IMAGE [--config PATH]\n\nWhat --ml-container=IMAGE resolves to, and its catalog entry.",
+        "verify" => "usage: ml-container verify IMAGE | --all [--config PATH]\n\nCheck structure, size and sha256 of catalog images; exit 1 naming each failure.",
+        "doctor" => "usage: ml-container doctor [--config PATH]\n\nCheck the config, the runtime, the plugstack line and plugin, the running\nSlurm against the build, registry modes and catalog entries; one line per\nfinding with its fix; exit 1 if any problem.",
+        "diagnose" => "usage: ml-container diagnose JOBID [--config PATH]\n\nShow the failure reports the plugin wrote for a job.",
+        "env" => "usage: ml-container env [--task N] [--config PATH]\n\nPrint, as export lines, the distributed environment the plugin sets, from\nthe SLURM_* variables here (with --task N: for task N, block distribution).",
+        "config" => "usage: ml-container config [--config PATH]\n\nCheck the site config and print it as the plugin loads it.",
+        _ => return None,
+    })
+}
+
 /// A small argument reader: flags and options anywhere, the rest positional.
 #[derive(Debug)]
 pub struct Args {
@@ -129,8 +146,11 @@ fn main() -> ExitCode {
         _ => {}
     }
     let mut args = Args::new(&raw[1..]);
-    if args.flag("--help") {
-        print!("{USAGE}");
+    if args.flag("--help") || args.flag("-h") {
+        match command_help(&cmd) {
+            Some(help) => println!("{help}"),
+            None => print!("{USAGE}"),
+        }
         return ExitCode::SUCCESS;
     }
     let config_arg = args.value("--config");
