@@ -181,24 +181,37 @@ fn catalog_rewritten_mid_launch_runs_the_pinned_image() {
     );
 
     // Occupy both nodes, so the next srun resolves and pins, then waits.
-    let hold = |secs: &str| {
-        c.run(
+    // Returns the holding job's id once it runs.
+    let hold = |secs: &str| -> String {
+        let r = c.run(
             1,
             &[],
             &[
                 "sbatch",
+                "--parsable",
                 "-N2",
                 "--exclusive",
                 "--wrap",
                 &format!("sleep {secs}"),
             ],
-        )
-        .assert_ok();
+        );
+        let id = r.assert_ok().stdout.trim().to_string();
+        for _ in 0..150 {
+            let q = c.run(1, &[], &["squeue", "-h", "-j", &id, "-o", "%T"]);
+            if q.stdout.trim() == "RUNNING" {
+                return id;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("the holding job {id} never ran");
     };
-    let wait_pending = || {
-        for _ in 0..100 {
+    // Until a job other than the holding one pends: the srun, which has
+    // resolved its image by then (init_post_opt runs before the allocation
+    // request).
+    let wait_pending = |holder: &str| {
+        for _ in 0..150 {
             let q = c.run(1, &[], &["squeue", "-h", "-t", "PD", "-o", "%i"]);
-            if !q.stdout.trim().is_empty() {
+            if q.stdout.split_whitespace().any(|id| id != holder) {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
@@ -218,9 +231,9 @@ fn catalog_rewritten_mid_launch_runs_the_pinned_image() {
     };
 
     // 1. The catalog now says alpha = a1; the waiting step still runs a2.
-    hold("8");
+    let holder = hold("8");
     let bg = launch();
-    wait_pending();
+    wait_pending(&holder);
     c.write(CATALOG, &rewritten, 0o644);
     let r = bg.wait();
     r.assert_ok();
@@ -229,9 +242,9 @@ fn catalog_rewritten_mid_launch_runs_the_pinned_image() {
     assert_eq!(markers(&c, "alpha", "2"), ["a1", "a1"]);
 
     // 2. The pinned file disappears while the step waits: it fails clearly.
-    hold("8");
+    let holder = hold("8");
     let bg = launch();
-    wait_pending();
+    wait_pending(&holder);
     c.remove("/opt/containers/ml-frameworks/a1.sif");
     let r = bg.wait();
     r.assert_failed();
