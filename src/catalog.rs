@@ -495,12 +495,10 @@ impl Catalog {
     /// What a bare `name` means: the default tag, else the newest `added`
     /// (entries without a date count as oldest; ties go to the later entry).
     pub fn default_for(&self, name: &str) -> Option<&Image> {
-        let mut candidates = self.images.iter().filter(|i| i.name == name);
-        let all: Vec<&Image> = candidates.by_ref().collect();
-        if let Some(d) = all.iter().find(|i| i.default) {
-            return Some(d);
-        }
-        all.into_iter().max_by_key(|i| i.added.unwrap_or(i64::MIN))
+        let tags = self.images.iter().filter(|i| i.name == name);
+        tags.clone()
+            .find(|i| i.default)
+            .or_else(|| tags.max_by_key(|i| i.added.unwrap_or(i64::MIN)))
     }
 
     /// The entry that lists `reference` among its aliases.

@@ -10,7 +10,7 @@
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -203,27 +203,8 @@ impl Locked {
                 message: "internal: the rendered catalog lost entries".to_string(),
             });
         }
-        let dir = self.path.parent().unwrap_or(Path::new("/")).to_path_buf();
-        let tmp = dir.join(format!(".catalog.toml.{}.tmp", std::process::id()));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
-        let written = f
-            .write_all(text.as_bytes())
-            .and_then(|()| f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644)))
-            .and_then(|()| f.sync_all());
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(io_err(&tmp)(e));
-        }
-        fs::rename(&tmp, &self.path).map_err(io_err(&self.path))?;
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(&dir))?;
+        crate::secure::replace_file(&self.path, text.as_bytes(), 0o644, None)
+            .map_err(io_err(&self.path))?;
         Ok(())
     }
 }

@@ -10,7 +10,7 @@
 
 use std::fmt;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -260,11 +260,7 @@ fn cached_sum(dir: &Path, key: &str) -> Option<String> {
 
 fn store_sum(dir: &Path, key: &str, sum: &str) -> io::Result<()> {
     secure::ensure_private_dir(dir, 0o755, 0)?;
-    let tmp = dir.join(format!(".{key}.{}", std::process::id()));
-    let mut f = secure::create_nofollow(&tmp, 0o644)?;
-    f.write_all(sum.as_bytes())?;
-    f.sync_all()?;
-    fs::rename(&tmp, dir.join(key))
+    secure::replace_file(&dir.join(key), sum.as_bytes(), 0o644, None)
 }
 
 /// Streams a reader through SHA-256; lowercase hex.

@@ -253,26 +253,9 @@ impl Report {
             std::os::unix::fs::PermissionsExt::from_mode(0o750),
         )?;
         let final_path = self.path_in(dir);
-        let tmp = job_dir.join(format!(
-            ".{}.{}.{}.tmp",
-            self.step_id,
-            self.node,
-            std::process::id()
-        ));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o640)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)?;
-        std::os::unix::fs::fchown(&f, Some(0), Some(gid))?;
-        let text = serde_json::to_string_pretty(self).map_err(io::Error::other)?;
-        f.write_all(text.as_bytes())?;
-        f.write_all(b"\n")?;
-        f.sync_all()?;
-        // rename(2) replaces whatever is at the final name, a symlink
-        // included, without following it.
-        fs::rename(&tmp, &final_path)?;
+        let mut text = serde_json::to_string_pretty(self).map_err(io::Error::other)?;
+        text.push('\n');
+        crate::secure::replace_file(&final_path, text.as_bytes(), 0o640, Some((0, gid)))?;
         Ok(final_path)
     }
 }

@@ -9,7 +9,7 @@
 
 use std::fmt;
 use std::fs::{self, File, Metadata, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -114,16 +114,45 @@ pub fn check_trusted_file(path: &Path, trusted: &[u32]) -> Result<Metadata, Trus
     Ok(meta)
 }
 
-/// Creates (or truncates) `path` for writing without following a symlink at
-/// the last component, with `mode` (umask aside), close-on-exec.
-pub fn create_nofollow(path: &Path, mode: u32) -> io::Result<File> {
-    OpenOptions::new()
+/// Replaces `path` with `bytes` atomically, as root writes its files: a
+/// temporary file next to it is created with O_EXCL|O_NOFOLLOW and exactly
+/// `mode` (optionally owned by `owner` = (uid, gid)), written and fsynced,
+/// then renamed over `path` (rename(2) replaces a symlink there without
+/// following it), and the directory is fsynced. A reader sees the old file
+/// or the new one, never half of one.
+pub fn replace_file(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let name = path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    // A leftover of a crashed writer with our pid; removing a symlink
+    // removes the link itself.
+    let _ = fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
+        .open(&tmp)?;
+    let written = owner
+        .map_or(Ok(()), |(uid, gid)| {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
+        })
+        .and_then(|()| f.set_permissions(fs::Permissions::from_mode(mode)))
+        .and_then(|()| f.write_all(bytes))
+        .and_then(|()| f.sync_all())
+        .and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    File::open(dir).and_then(|d| d.sync_all())
 }
 
 /// Makes `dir` (and missing parents) and insists the final directory is a
@@ -144,13 +173,8 @@ pub fn ensure_private_dir(dir: &Path, mode: u32, uid: u32) -> io::Result<()> {
             dir.display()
         )));
     }
-    if meta.uid() != uid || meta.mode() & 0o022 != 0 {
-        return Err(io::Error::other(format!(
-            "{} must be owned by uid {uid} and not writable by group/others",
-            dir.display()
-        )));
-    }
-    Ok(())
+    check_owner_mode(dir, meta.uid(), meta.mode(), &[uid])
+        .map_err(|e| io::Error::other(e.to_string()))
 }
 
 #[cfg(test)]
@@ -172,21 +196,24 @@ mod tests {
     }
 
     #[test]
-    fn nofollow_refuses_symlink() {
+    fn replace_file_does_not_follow_a_planted_symlink() {
         let dir = std::env::temp_dir().join(format!("mlc-secure-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         let target = dir.join("target");
         fs::write(&target, "keep").unwrap();
-        let link = dir.join("link");
+        let link = dir.join("file");
         std::os::unix::fs::symlink(&target, &link).unwrap();
-        assert!(create_nofollow(&link, 0o600).is_err());
+        replace_file(&link, b"new", 0o640, None).unwrap();
         assert_eq!(fs::read_to_string(&target).unwrap(), "keep");
-        let f = dir.join("new");
-        create_nofollow(&f, 0o640).unwrap();
+        let meta = fs::symlink_metadata(&link).unwrap();
+        assert!(meta.file_type().is_file());
+        assert_eq!(meta.mode() & 0o777, 0o640);
+        assert_eq!(fs::read_to_string(&link).unwrap(), "new");
         assert_eq!(
-            fs::metadata(&f).unwrap().mode() & 0o777,
-            0o640 & !0o022 & 0o777
+            fs::read_dir(&dir).unwrap().count(),
+            2,
+            "a temporary file was left"
         );
         fs::remove_dir_all(&dir).unwrap();
     }
