@@ -8,10 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-root=$(bash tests/cluster/rootfs.sh)
-inc=$PWD/target/cluster/include-24.11
-mkdir -p "$inc"
-ln -sfn "$root/usr/include/slurm" "$inc/slurm"
+{ read -r inc; read -r root; } < <(bash tests/cluster/include-24.11.sh)
 SLURM_INCLUDE_DIR=$inc cargo build --quiet --release --lib --target-dir target/cluster/24.11-release
 
 stage=$(mktemp -d)

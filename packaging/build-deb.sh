@@ -16,10 +16,7 @@ version=${3:-$(awk -F'"' '/^version = /{print $2; exit}' Cargo.toml)}
 case $slurm in
     22.05) inc=/usr/include ;;
     24.11)
-        root=$(bash tests/cluster/rootfs.sh)
-        inc=$PWD/target/cluster/include-24.11
-        mkdir -p "$inc"
-        ln -sfn "$root/usr/include/slurm" "$inc/slurm"
+        inc=$(bash tests/cluster/include-24.11.sh | head -n 1)
         ;;
     *) echo "build-deb: unknown Slurm '$slurm' (22.05 or 24.11)" >&2; exit 2 ;;
 esac

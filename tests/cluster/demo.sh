@@ -9,10 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-root=$(bash tests/cluster/rootfs.sh)
-inc=$PWD/target/cluster/include-24.11
-mkdir -p "$inc"
-ln -sfn "$root/usr/include/slurm" "$inc/slurm"
+{ read -r inc; read -r root; } < <(bash tests/cluster/include-24.11.sh)
 echo "demo: building the plugin against Slurm 24.11's headers" >&2
 SLURM_INCLUDE_DIR=$inc cargo build --quiet --lib --target-dir target/cluster/24.11
 
