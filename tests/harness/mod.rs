@@ -56,17 +56,7 @@ impl Slurm {
     fn include_dir(self) -> PathBuf {
         match self {
             Slurm::V22_05 => PathBuf::from("/usr/include"),
-            Slurm::V24_11 => {
-                // Only the slurm/ headers of the root: its libc headers
-                // must not shadow the host's for bindgen.
-                let dir = target_dir().join("include-24.11");
-                fs::create_dir_all(&dir).expect("create include dir");
-                let link = dir.join("slurm");
-                let _ = fs::remove_file(&link);
-                std::os::unix::fs::symlink(trixie_root().join("usr/include/slurm"), &link)
-                    .expect("symlink slurm headers");
-                dir
-            }
+            Slurm::V24_11 => include_24_11().0.clone(),
         }
     }
 }
@@ -80,15 +70,28 @@ fn target_dir() -> PathBuf {
 }
 
 fn trixie_root() -> &'static PathBuf {
-    static ROOT: OnceLock<PathBuf> = OnceLock::new();
-    ROOT.get_or_init(|| {
+    &include_24_11().1
+}
+
+/// `tests/cluster/include-24.11.sh`: the include dir that exposes only the
+/// trixie root's slurm/ headers (its libc headers must not shadow the
+/// host's for bindgen), and the root itself, built on first use. The same
+/// script serves build-deb.sh, which the package test runs concurrently
+/// with the other tests, so the link is made in one place only.
+fn include_24_11() -> &'static (PathBuf, PathBuf) {
+    static DIRS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    DIRS.get_or_init(|| {
         let out = Command::new("bash")
-            .arg(manifest_dir().join("tests/cluster/rootfs.sh"))
+            .arg(manifest_dir().join("tests/cluster/include-24.11.sh"))
             .stderr(Stdio::inherit())
             .output()
-            .expect("run tests/cluster/rootfs.sh");
+            .expect("run tests/cluster/include-24.11.sh");
         assert!(out.status.success(), "building the trixie root failed");
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut lines = text.lines().map(|l| PathBuf::from(l.trim()));
+        let inc = lines.next().expect("include dir line");
+        let root = lines.next().expect("root line");
+        (inc, root)
     })
 }
 
