@@ -237,7 +237,7 @@ fn fifty_concurrent_adds_and_a_thousand_resolutions() {
     );
     assert!(resolutions.load(Ordering::SeqCst) >= 1000);
     let reg = Registry::open(&cfg.registry).unwrap();
-    assert_eq!(reg.catalog().images.len(), 50);
+    assert_eq!(reg.catalog().expect("catalog").images.len(), 50);
     for i in 0..50 {
         assert!(reg.resolve(&format!("img{i}:1")).is_ok(), "img{i}");
     }

@@ -138,9 +138,13 @@ pub fn doctor(cfg: &SiteConfig, config_path: &Path) -> ExitCode {
             "chown root and chmod 0644 the catalog and its directory",
         ),
     }
-    match Registry::open(&cfg.registry) {
+    match Registry::open(&cfg.registry).and_then(|reg| {
+        reg.catalog()?;
+        Ok(reg)
+    }) {
         Ok(reg) => {
-            for im in &reg.catalog().images {
+            let images = reg.catalog().map(|c| c.images.as_slice()).unwrap_or(&[]);
+            for im in images {
                 let p = if im.path.is_absolute() {
                     im.path.clone()
                 } else {
@@ -164,10 +168,7 @@ pub fn doctor(cfg: &SiteConfig, config_path: &Path) -> ExitCode {
                     ),
                 }
             }
-            f.ok(format!(
-                "{} catalog entries checked",
-                reg.catalog().images.len()
-            ));
+            f.ok(format!("{} catalog entries checked", images.len()));
         }
         Err(e) => f.problem(format!("{e}"), "fix the catalog"),
     }

@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use slurm_ml_container::catalog::{self, Image};
+use slurm_ml_container::catalog::{self, Catalog, Image};
 use slurm_ml_container::catalog_write;
 use slurm_ml_container::config::SiteConfig;
 use slurm_ml_container::integrity;
@@ -243,8 +243,15 @@ pub fn remove(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
     }
 }
 
+/// The registry, with its catalog read (so a broken catalog fails here).
 fn open(cfg: &SiteConfig) -> Result<Registry<'_>, ExitCode> {
-    Registry::open(&cfg.registry).map_err(|e| fail(&e.to_string()))
+    let reg = Registry::open(&cfg.registry).map_err(|e| fail(&e.to_string()))?;
+    catalog(&reg)?;
+    Ok(reg)
+}
+
+fn catalog<'r>(reg: &'r Registry<'_>) -> Result<&'r Catalog, ExitCode> {
+    reg.catalog().map_err(|e| fail(&e.to_string()))
 }
 
 fn entry_json(im: &Image) -> serde_json::Value {
@@ -263,7 +270,10 @@ pub fn list(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
         Ok(r) => r,
         Err(c) => return c,
     };
-    let images = &reg.catalog().images;
+    let images = match catalog(&reg) {
+        Ok(c) => &c.images,
+        Err(code) => return code,
+    };
     if json {
         let v: Vec<serde_json::Value> = images.iter().map(entry_json).collect();
         println!("{}", serde_json::Value::Array(v));
@@ -309,7 +319,7 @@ pub fn show(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
                 pin.source
             );
             if let (Some(n), Some(t)) = (&pin.name, &pin.tag) {
-                if let Some(im) = reg.catalog().get(n, t) {
+                if let Some(im) = reg.catalog().ok().and_then(|c| c.get(n, t)) {
                     println!(
                         "{}",
                         serde_json::to_string_pretty(&entry_json(im)).unwrap_or_default()
@@ -334,12 +344,21 @@ pub fn verify(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
         Err(c) => return c,
     };
     let targets: Vec<Image> = if all {
-        reg.catalog().images.clone()
+        match catalog(&reg) {
+            Ok(c) => c.images.clone(),
+            Err(code) => return code,
+        }
     } else {
         let r = one.unwrap_or_default();
         match reg.resolve(&r) {
             Ok(pin) => match (&pin.name, &pin.tag) {
-                (Some(n), Some(t)) => reg.catalog().get(n, t).cloned().into_iter().collect(),
+                (Some(n), Some(t)) => reg
+                    .catalog()
+                    .ok()
+                    .and_then(|c| c.get(n, t))
+                    .cloned()
+                    .into_iter()
+                    .collect(),
                 _ => vec![Image {
                     name: r.clone(),
                     tag: "-".into(),
