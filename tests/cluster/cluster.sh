@@ -40,7 +40,21 @@ R=$SCRATCH/root
 
 mount -t proc proc "$R/proc"
 mount --rbind /sys "$R/sys"
-mount --rbind /dev "$R/dev"
+# A /dev of the cluster's own: the host's entries bound one by one onto a
+# tmpfs, so a test can put a syslog socket at /dev/log without creating it
+# on the host (and without seeing another cluster's).
+mount -t tmpfs -o mode=0755 mlc-dev "$R/dev"
+for e in /dev/* /dev/.[!.]*; do
+    [[ -e $e || -L $e ]] || continue
+    d=$R$e
+    if [[ -L $e ]]; then
+        cp -P "$e" "$d"
+    elif [[ -d $e ]]; then
+        mkdir -p "$d" && mount --rbind "$e" "$d"
+    else
+        touch "$d" && mount --bind "$e" "$d"
+    fi
+done
 mount -t tmpfs -o mode=1777 tmpfs "$R/tmp"
 mount -t tmpfs -o mode=0755 tmpfs "$R/run"
 # Unprivileged Apptainer mounts SIF images with squashfuse (PLATFORM.md).

@@ -13,6 +13,7 @@ crate::on_slurm_24_11!(
     commands_are_looked_up_in_the_image,
     bad_setups_fail_clearly_and_fast,
     nv_exactly_when_the_step_has_gpus,
+    the_singularity_kind_runs_the_image_with_the_contract,
 );
 
 #[test]
@@ -282,6 +283,41 @@ fn nv_exactly_when_the_step_has_gpus() {
     assert_eq!(lines.len(), 4, "{lines:#?}");
     let nv: Vec<bool> = lines.iter().map(|l| l.contains(" exec --nv ")).collect();
     assert_eq!(nv, [false, true, false, true], "{lines:#?}");
+}
+
+/// `kind = "singularity"`: the `singularity` command (Debian's apptainer
+/// package provides it; SingularityCE has the same CLI) runs the image, and
+/// the contract beats the image's `%environment` (RANK=999, MASTER_PORT=1)
+/// through SINGULARITYENV_.
+fn the_singularity_kind_runs_the_image_with_the_contract() {
+    let c = Cluster::start_with(
+        Slurm::V24_11,
+        Options::default()
+            .file(CONFIG, "[runtime]\nkind = \"singularity\"\nbinds = []\n")
+            .with_scan_images(&["rank999"]),
+    );
+    let r = c.srun(&[
+        "-N2",
+        "-n2",
+        "--ml-container=rank999",
+        "/bin/sh",
+        "-c",
+        "echo $(cat /MARKER) $RANK $WORLD_SIZE $MASTER_ADDR $MASTER_PORT",
+    ]);
+    r.assert_ok();
+    let mut lines: Vec<&str> = r.stdout.lines().collect();
+    lines.sort_unstable();
+    assert_eq!(lines.len(), 2, "{r}");
+    for (rank, line) in lines.iter().enumerate() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(f[..4], ["rank999", &rank.to_string(), "2", "n1"], "{r}");
+        assert_ne!(f[4], "1", "the image's MASTER_PORT won: {r}");
+    }
+    let log = c.slurmd_log(1);
+    assert!(
+        log.contains("runtime command: /usr/bin/singularity exec"),
+        "{log}"
+    );
 }
 
 fn charliecloud_on_22_05() {

@@ -15,6 +15,7 @@ crate::on_slurm_24_11!(
     a_successful_step_writes_metrics_and_no_report,
     a_planted_symlink_is_not_followed,
     a_hung_probe_costs_at_most_its_timeout,
+    an_oom_kill_is_named_in_the_report,
 );
 
 const REPORTS: &str = "/var/log/slurm/debug";
@@ -27,10 +28,16 @@ fn cluster(opts: Options) -> Cluster {
 /// The report of job/step on node, waiting at most `within` for it.
 fn report(c: &Cluster, job: u32, node: &str, within: Duration) -> Option<Value> {
     let path = c.path(&format!("{REPORTS}/{job}/0.{node}.json"));
+    wait_for(within, || std::fs::read_to_string(&path).ok())
+        .map(|text| serde_json::from_str(&text).expect("report is JSON"))
+}
+
+/// Polls `f` every 50 ms until it gives a value or `within` has passed.
+fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + within;
     loop {
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            return Some(serde_json::from_str(&text).expect("report is JSON"));
+        if let Some(v) = f() {
+            return Some(v);
         }
         if Instant::now() >= deadline {
             return None;
@@ -41,6 +48,11 @@ fn report(c: &Cluster, job: u32, node: &str, within: Duration) -> Option<Value> 
 
 fn a_failed_task_leaves_a_report_on_its_node_and_metrics_lines() {
     let c = cluster(Options::default());
+    // A syslog daemon on the cluster's own /dev/log (failure.syslog is on
+    // by default); it forks into the background and lives as long as the
+    // cluster.
+    c.run_root(1, &["busybox", "syslogd", "-O", "/var/log/syslog.test"])
+        .assert_ok();
     let r = c.srun(&[
         "-N2",
         "-n2",
@@ -81,6 +93,17 @@ fn a_failed_task_leaves_a_report_on_its_node_and_metrics_lines() {
         metrics.contains("NODE=n2 RANK=1 IMAGE=demo EXIT_CODE=7"),
         "{metrics}"
     );
+    // One syslog line for the failed task, none for the one that succeeded.
+    let syslog = wait_for(Duration::from_secs(2), || {
+        let t = std::fs::read_to_string(c.path("/var/log/syslog.test")).unwrap_or_default();
+        t.contains("ml-container").then_some(t)
+    })
+    .expect("no ml-container line in syslog");
+    assert!(
+        syslog.contains("ml-container: job 1 step 0 node n2 rank 1 exit code 7 (image demo)"),
+        "{syslog}"
+    );
+    assert_eq!(syslog.matches("ml-container:").count(), 1, "{syslog}");
 
     // Readable by the job's user, writable by nobody but root.
     let ls = c.run_root(
@@ -252,4 +275,96 @@ fn a_hung_probe_costs_at_most_its_timeout() {
     assert_eq!(rep["node_state"]["gpus"]["status"], "timed_out", "{rep}");
     let left = c.run_root(1, &["sh", "-c", "pgrep -fx 'sleep 1000' | wc -l"]);
     assert_eq!(left.stdout.trim(), "0", "the hung probe was left running");
+}
+
+/// A memory cgroup of the host's (the cluster's /sys is the host's), with
+/// a limit, that the job's user may move its own tasks into; removed on drop.
+struct MemoryCgroup {
+    dir: std::path::PathBuf,
+}
+
+impl MemoryCgroup {
+    fn new(limit: &str) -> MemoryCgroup {
+        let name = format!("mlc-oom-test-{}", std::process::id());
+        // cgroup v1's memory hierarchy, else cgroup v2's unified one.
+        let mut found = None;
+        for (base, file) in [
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes"),
+            ("/sys/fs/cgroup/unified", "memory.max"),
+            ("/sys/fs/cgroup", "memory.max"),
+        ] {
+            let dir = std::path::Path::new(base).join(&name);
+            if std::fs::create_dir(&dir).is_ok() {
+                if dir.join(file).exists() {
+                    found = Some((dir, file));
+                    break;
+                }
+                let _ = std::fs::remove_dir(&dir);
+            }
+        }
+        let (dir, limit_file) = found.expect("no memory cgroup hierarchy to make a test cgroup in");
+        std::fs::write(dir.join(limit_file), limit).expect("set the memory limit");
+        // No swap to escape to: the kernel must kill.
+        let _ = std::fs::write(dir.join("memory.swappiness"), "0");
+        let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), limit);
+        let _ = std::fs::write(dir.join("memory.swap.max"), "0");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            dir.join("cgroup.procs"),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .expect("open cgroup.procs to the job's user");
+        MemoryCgroup { dir }
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// A real OOM kill: the task's TaskProlog moves the task into a 128 MB
+/// memory cgroup, and the payload inside the image doubles a shell string
+/// until the kernel kills it.
+fn an_oom_kill_is_named_in_the_report() {
+    let cg = MemoryCgroup::new("134217728");
+    let procs = cg.dir.join("cgroup.procs");
+    let c = cluster(
+        Options::default()
+            .file(
+                "/etc/slurm/slurm.conf.extra",
+                "TaskProlog=/etc/slurm/taskprolog.sh\n",
+            )
+            .file(
+                "/etc/slurm/taskprolog.sh",
+                &format!("#!/bin/sh\necho $SLURM_TASK_PID > {}\n", procs.display()),
+            ),
+    );
+    c.run_root(1, &["chmod", "0755", "/etc/slurm/taskprolog.sh"])
+        .assert_ok();
+    let r = c.srun(&[
+        "-N1",
+        "-w",
+        "n1",
+        "--ml-container=demo",
+        "/bin/sh",
+        "-c",
+        "x=0123456789; while :; do x=$x$x; done",
+    ]);
+    r.assert_failed();
+    let rep = report(&c, 1, "n1", Duration::from_secs(2)).expect("report of the OOM-killed step");
+    assert_eq!(rep["tasks"][0]["signal"], 9, "{rep}");
+    assert!(
+        rep["node_state"]["oom_kills_during_step"]
+            .as_u64()
+            .is_some_and(|n| n >= 1),
+        "{rep}"
+    );
+    assert!(
+        rep["issues_found"]
+            .to_string()
+            .contains("rank 0 was killed by the kernel's OOM killer"),
+        "{rep}"
+    );
 }
