@@ -4,7 +4,7 @@
 #   bare         srun -N2 -n4 /bin/true
 #   hand-written srun -N2 -n4 apptainer exec <same binds> demo.sif /bin/true
 #   plugin       srun -N2 -n4 --ml-container=demo /bin/true
-# Medians of RUNS (default 10) runs each. Needs root (namespaces).
+# RUNS (default 10) rounds of the three, order rotating; medians. Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,33 +17,90 @@ chmod 0755 "$stage"
 mkdir -p "$stage/etc/slurm/plugstack.conf.d" "$stage/usr/local/bin"
 cp plugstack/ml-container.conf "$stage/etc/slurm/plugstack.conf.d/"
 cp tests/cluster/demo-inside.sh "$stage/usr/local/bin/mlc-demo"
-cat >"$stage/usr/local/bin/mlc-bench" <<INNER
+cat >"$stage/usr/local/bin/mlc-bench" <<'INNER'
 #!/bin/bash
+# Rounds of the three variants, in an order that rotates every round, so
+# drift on a busy machine (page cache, other load) hits all three alike;
+# medians per variant, and the median of the per-round differences.
 set -euo pipefail
 RUNS=${RUNS:-10}
 /usr/local/bin/mlc-demo >/dev/null
 mkdir -p /shared/data
-as_user() { runuser -u mluser -- env -C /home/mluser "\$@"; }
-median_ms() {
-    local i t0 t1 times=()
-    for ((i = 0; i < RUNS; i++)); do
-        t0=\$(date +%s%N); as_user "\$@" >/dev/null 2>&1; t1=\$(date +%s%N)
-        times+=(\$(((t1 - t0) / 1000000)))
-    done
-    printf '%s\n' "\${times[@]}" | sort -n | sed -n "\$((RUNS / 2 + 1))p"
-}
+as_user() { runuser -u mluser -- env -C /home/mluser "$@"; }
 img=/opt/containers/ml-frameworks/demo.sif
-bare=\$(median_ms srun -N2 -n4 /bin/true)
-hand=\$(median_ms srun -N2 -n4 apptainer exec --bind /shared/data:/data \$img /bin/true)
-plug=\$(median_ms srun -N2 -n4 --ml-container=demo /bin/true)
-printf '%-14s %8s\n' variant "median"
-printf '%-14s %6s ms\n' bare "\$bare" hand-written "\$hand" plugin "\$plug"
-awk -v h="\$hand" -v p="\$plug" 'BEGIN { printf "plugin / hand-written = %.3f (added %+.1f %%)\n", p / h, (p - h) * 100 / h }'
+run() {
+    case $1 in
+        bare) as_user srun -N2 -n4 /bin/true ;;
+        hand) as_user srun -N2 -n4 apptainer exec --bind /shared/data:/data "$img" /bin/true ;;
+        plugin) as_user srun -N2 -n4 --ml-container=demo /bin/true ;;
+    esac
+}
+# "WALL_MS SRUN_CPU_MS" of one run (srun's own user+system time: the
+# plugin's srun-side work shows there, free of the nodes' noise). A failed
+# run would time an error path: stop instead.
+ms() {
+    local TIMEFORMAT='%R %U %S' t
+    t=$({ time run "$1" >/dev/null 2>&1; } 2>&1) || { echo "bench: the $1 run failed" >&2; return 1; }
+    awk '{ printf "%d %.1f\n", $1 * 1000, ($2 + $3) * 1000 }' <<<"$t"
+}
+# One unmeasured round, output shown, warms the page cache and the daemons.
+for v in bare hand plugin; do run $v; done
+declare -A all cpu
+order=(bare hand plugin)
+diffs=()
+for ((i = 0; i < RUNS; i++)); do
+    declare -A t=()
+    for ((k = 0; k < 3; k++)); do
+        v=${order[$(((i + k) % 3))]}
+        read -r wall c < <(ms "$v")
+        [[ -n $wall ]] || exit 1
+        t[$v]=$wall
+        all[$v]+="$wall "
+        cpu[$v]+="$c "
+    done
+    diffs+=($((t[plugin] - t[hand])))
+done
+median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
+bare=$(median <<<"${all[bare]}")
+hand=$(median <<<"${all[hand]}")
+plug=$(median <<<"${all[plugin]}")
+diff=$(median <<<"${diffs[*]}")
+printf '%-14s %8s %14s   (%s rounds, order rotating)\n' variant median "srun cpu" "$RUNS"
+for v in bare hand plugin; do
+    printf '%-14s %6s ms %11s ms\n' "${v/hand/hand-written}" "$(median <<<"${all[$v]}")" \
+        "$(median <<<"${cpu[$v]}")"
+done
+awk -v h="$hand" -v p="$plug" -v d="$diff" 'BEGIN {
+    printf "plugin / hand-written = %.3f (medians: added %+.1f %%)\n", p / h, (p - h) * 100 / h
+    printf "per-round difference plugin - hand-written: median %+d ms (%+.1f %%)\n", d, d * 100 / h
+}'
+# The mean difference with its 95 % confidence interval (normal
+# approximation): on a 2-core machine one srun varies by tens of ms, so
+# the interval says whether the plugin's cost is told apart from noise.
+printf '%s\n' "${diffs[@]}" | awk -v h="$hand" '
+    { n++; s += $1; q += $1 * $1 }
+    END {
+        m = s / n; sd = sqrt((q - n * m * m) / (n - 1)); ci = 1.96 * sd / sqrt(n)
+        printf "per-round difference plugin - hand-written: mean %+.1f ms +- %.1f (95 %% CI) = %+.1f %% +- %.1f %%\n", m, ci, m * 100 / h, ci * 100 / h
+    }'
+# The plugin's own time, as its callbacks log it (SlurmdDebug=verbose, set
+# for all three variants alike): mean per call, and per step and node with
+# 2 tasks per node (init + init_post_opt + 2 x (task_init + task_exit)).
+grep -h 'ml-container: slurm_spank_[a-z_]* took [0-9]* us' /var/log/slurm/slurmd-n*.log |
+    sed 's/.*ml-container: \(slurm_spank_[a-z_]*\) took \([0-9]*\) us.*/\1 \2/' | awk -v h="$hand" '
+    { s[$1] += $2; n[$1]++ }
+    END {
+        printf "plugin callbacks in slurmstepd (mean per call):"
+        for (k in s) { m[k] = s[k] / n[k]; printf " %s %.0f us", k, m[k] }
+        step = m["slurm_spank_init"] + m["slurm_spank_init_post_opt"] + 2 * (m["slurm_spank_task_init"] + m["slurm_spank_task_exit"])
+        printf "\nplugin time per step and node: %.2f ms (%.2f %% of hand-written)\n", step / 1000, step / 10 / h
+    }'
 INNER
 chmod 0755 "$stage/usr/local/bin/mlc-demo" "$stage/usr/local/bin/mlc-bench"
 echo '[runtime]
 binds = ["/shared/data:/data"]' >"$stage/etc/slurm/ml-container.toml"
+echo 'SlurmdDebug=verbose' >"$stage/etc/slurm/slurm.conf.extra"
 
 unshare --mount --pid --fork --kill-child -- bash tests/cluster/cluster.sh \
     "$root" 2 target/cluster/24.11-release/release/libslurm_ml_container.so "$stage" \
-    /usr/bin/env RUNS="${RUNS:-10}" /usr/local/bin/mlc-bench 2>&1 | grep -v '^munged\|^READY'
+    /usr/bin/env RUNS="${RUNS:-10}" bash ${BENCH_TRACE:+-x} /usr/local/bin/mlc-bench 2>&1 | grep -v '^munged\|^READY'
