@@ -10,7 +10,7 @@
 
 use std::fmt;
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io::{self, Read, Seek};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -122,10 +122,30 @@ pub enum Verified {
 
 /// Size and structure.
 pub fn quick(path: &Path, expected_size: Option<u64>) -> Result<(), IntegrityError> {
-    let meta = fs::metadata(path).map_err(|source| IntegrityError::Open {
+    let mut file = open(path)?;
+    quick_file(&mut file, path, expected_size).map(drop)
+}
+
+fn open(path: &Path) -> Result<File, IntegrityError> {
+    File::open(path).map_err(|source| IntegrityError::Open {
         path: path.to_path_buf(),
         source,
-    })?;
+    })
+}
+
+/// Size and structure of an open image (one open serves the size, the
+/// format sniff and the structure; `verify` hashes the same file): its
+/// metadata, for the hash cache's key.
+fn quick_file(
+    file: &mut File,
+    path: &Path,
+    expected_size: Option<u64>,
+) -> Result<fs::Metadata, IntegrityError> {
+    let io_err = |source| IntegrityError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = file.metadata().map_err(io_err)?;
     if let Some(expected) = expected_size {
         if meta.len() != expected {
             return Err(IntegrityError::Size {
@@ -135,45 +155,30 @@ pub fn quick(path: &Path, expected_size: Option<u64>) -> Result<(), IntegrityErr
             });
         }
     }
-    if is_squashfs(path) {
-        return squashfs_quick(path, meta.len());
+    // A plain squashfs image (Charliecloud's `.sqfs`) rather than a SIF:
+    // its superblock's `bytes_used` (u64 at 40, kernel
+    // fs/squashfs/squashfs_fs.h) must fit the file.
+    let mut sb = [0u8; 96];
+    let head = file.read(&mut sb[..4]).map_err(io_err)?;
+    if head == 4 && &sb[..4] == b"hsqs" {
+        file.read_exact(&mut sb[4..]).map_err(io_err)?;
+        let mut used = [0u8; 8];
+        used.copy_from_slice(&sb[40..48]);
+        let used = u64::from_le_bytes(used);
+        if used < 96 || used > meta.len() {
+            return Err(IntegrityError::Squashfs {
+                path: path.to_path_buf(),
+                bytes_used: used,
+                len: meta.len(),
+            });
+        }
+        return Ok(meta);
     }
-    sif::inspect_path(path).map_err(|source| IntegrityError::Structure {
+    sif::inspect(file, meta.len()).map_err(|source| IntegrityError::Structure {
         path: path.to_path_buf(),
         source,
     })?;
-    Ok(())
-}
-
-/// A plain squashfs image (Charliecloud's `.sqfs`) rather than a SIF.
-fn is_squashfs(path: &Path) -> bool {
-    let mut magic = [0u8; 4];
-    File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok_and(|()| &magic == b"hsqs")
-}
-
-/// The squashfs superblock's `bytes_used` (u64 at 40, kernel
-/// fs/squashfs/squashfs_fs.h) must fit the file.
-fn squashfs_quick(path: &Path, len: u64) -> Result<(), IntegrityError> {
-    let mut sb = [0u8; 96];
-    File::open(path)
-        .and_then(|mut f| f.read_exact(&mut sb))
-        .map_err(|source| IntegrityError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let mut used = [0u8; 8];
-    used.copy_from_slice(&sb[40..48]);
-    let used = u64::from_le_bytes(used);
-    if used < 96 || used > len {
-        return Err(IntegrityError::Squashfs {
-            path: path.to_path_buf(),
-            bytes_used: used,
-            len,
-        });
-    }
-    Ok(())
+    Ok(meta)
 }
 
 /// Verifies a resolved image at `level`. `cache_dir` is used (and created)
@@ -183,7 +188,8 @@ pub fn verify(
     level: VerifyLevel,
     cache_dir: Option<&Path>,
 ) -> Result<Verified, IntegrityError> {
-    quick(&pin.path, pin.catalog_size.or(Some(pin.size)))?;
+    let mut file = open(&pin.path)?;
+    let meta = quick_file(&mut file, &pin.path, pin.catalog_size.or(Some(pin.size)))?;
     if level == VerifyLevel::Quick {
         return Ok(Verified::Quick);
     }
@@ -193,14 +199,6 @@ pub fn verify(
             image: pin.display_name(),
         });
     };
-    let file = File::open(&pin.path).map_err(|source| IntegrityError::Open {
-        path: pin.path.clone(),
-        source,
-    })?;
-    let meta = file.metadata().map_err(|source| IntegrityError::Open {
-        path: pin.path.clone(),
-        source,
-    })?;
     let key = cache_key(&meta);
     if let Some(dir) = cache_dir {
         if cached_sum(dir, &key).as_deref() == Some(expected) {
@@ -208,10 +206,13 @@ pub fn verify(
         }
     }
     let start = Instant::now();
-    let actual = sha256_reader(file).map_err(|source| IntegrityError::Open {
-        path: pin.path.clone(),
-        source,
-    })?;
+    let actual = file
+        .rewind()
+        .and_then(|()| sha256_reader(file))
+        .map_err(|source| IntegrityError::Open {
+            path: pin.path.clone(),
+            source,
+        })?;
     if actual != expected {
         return Err(IntegrityError::Checksum {
             path: pin.path.clone(),
@@ -303,5 +304,103 @@ mod tests {
         );
         let big = vec![b'a'; 3 << 20];
         assert_eq!(sha256_reader(&big[..]).unwrap().len(), 64);
+    }
+
+    /// A file under the temp dir, removed on drop.
+    struct Temp(PathBuf);
+
+    impl Temp {
+        fn new(name: &str, bytes: &[u8]) -> Temp {
+            let p =
+                std::env::temp_dir().join(format!("mlc-integrity-{}-{name}", std::process::id()));
+            fs::write(&p, bytes).unwrap();
+            Temp(p)
+        }
+    }
+
+    impl Drop for Temp {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(&self.0);
+        }
+    }
+
+    /// A plain squashfs image's first bytes: magic and `bytes_used`.
+    fn sqfs(bytes_used: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        v[..4].copy_from_slice(b"hsqs");
+        v[40..48].copy_from_slice(&bytes_used.to_le_bytes());
+        v
+    }
+
+    fn pin(path: &Path, size: u64, sha256: Option<&str>) -> Pin {
+        Pin {
+            reference: "t".into(),
+            source: crate::registry::Source::Path,
+            name: None,
+            tag: None,
+            path: path.to_path_buf(),
+            size,
+            catalog_size: None,
+            sha256: sha256.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn quick_checks_plain_squashfs_and_refuses_others() {
+        let good = Temp::new("good.sqfs", &sqfs(4096, 4096));
+        quick(&good.0, Some(4096)).unwrap();
+        assert!(matches!(
+            quick(&good.0, Some(4097)),
+            Err(IntegrityError::Size {
+                expected: 4097,
+                actual: 4096,
+                ..
+            })
+        ));
+        let cut = Temp::new("cut.sqfs", &sqfs(8192, 4096));
+        assert!(matches!(
+            quick(&cut.0, None),
+            Err(IntegrityError::Squashfs {
+                bytes_used: 8192,
+                len: 4096,
+                ..
+            })
+        ));
+        // Shorter than a superblock, or neither squashfs nor SIF.
+        let tiny = Temp::new("tiny.sqfs", b"hsqs");
+        assert!(quick(&tiny.0, None).is_err());
+        let text = Temp::new("text.sif", &[b'x'; 200]);
+        assert!(matches!(
+            quick(&text.0, None),
+            Err(IntegrityError::Structure { .. })
+        ));
+        assert!(matches!(
+            quick(Path::new("/nonexistent/x.sif"), None),
+            Err(IntegrityError::Open { .. })
+        ));
+    }
+
+    #[test]
+    fn full_hashes_the_same_open_file_after_the_structure_check() {
+        let bytes = sqfs(4096, 4096);
+        let f = Temp::new("full.sqfs", &bytes);
+        let sum = sha256_reader(&bytes[..]).unwrap();
+        assert!(matches!(
+            verify(&pin(&f.0, 4096, Some(&sum)), VerifyLevel::Full, None),
+            Ok(Verified::Hashed { .. })
+        ));
+        let wrong = "0".repeat(64);
+        assert!(matches!(
+            verify(&pin(&f.0, 4096, Some(&wrong)), VerifyLevel::Full, None),
+            Err(IntegrityError::Checksum { .. })
+        ));
+        assert!(matches!(
+            verify(&pin(&f.0, 4096, None), VerifyLevel::Full, None),
+            Err(IntegrityError::NoChecksum { .. })
+        ));
+        assert_eq!(
+            verify(&pin(&f.0, 4096, None), VerifyLevel::Quick, None).unwrap(),
+            Verified::Quick
+        );
     }
 }
