@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use slurm_ml_container::config::{PlugstackArgs, SiteConfig};
 use slurm_ml_container::registry::Registry;
-use slurm_ml_container::sif;
+use slurm_ml_container::{integrity, sif};
 
 struct Env {
     dir: PathBuf,
@@ -115,28 +115,46 @@ fn init_add_list_show_remove() {
         ],
     );
     assert!(o.status.success(), "{}", text(&o));
-    assert!(root(&e).join("ml-frameworks/pytorch-2.1.sif").is_file());
-    // Duplicates are refused.
-    let o = cli(
-        &e,
-        &[
-            "add",
-            src.to_str().unwrap(),
-            "--name",
-            "pytorch",
-            "--tag",
-            "2.1",
-            "--copy-to",
-            "ml-frameworks",
-        ],
-    );
+    let copy = root(&e).join("ml-frameworks/pytorch-2.1.sif");
+    assert!(copy.is_file());
+    let src_sum = integrity::sha256_file(&src).unwrap();
+    assert_eq!(integrity::sha256_file(&copy).unwrap(), src_sum);
+    // Duplicates are refused, and another file of the same name:tag does
+    // not replace the registry's copy.
+    let other = e.dir.join("other.sif");
+    sif_file(&other);
+    fs::File::options()
+        .write(true)
+        .open(&other)
+        .unwrap()
+        .write_all_at(b"different", 600_000)
+        .unwrap();
+    let add_other = || {
+        cli(
+            &e,
+            &[
+                "add",
+                other.to_str().unwrap(),
+                "--name",
+                "pytorch",
+                "--tag",
+                "2.1",
+                "--copy-to",
+                "ml-frameworks",
+            ],
+        )
+    };
+    let o = add_other();
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("already in the catalog"), "{}", text(&o));
+    assert_eq!(integrity::sha256_file(&copy).unwrap(), src_sum);
 
     let o = cli(&e, &["list", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v[0]["name"], "pytorch");
     assert_eq!(v[0]["size"], 1 << 20);
-    assert_eq!(v[0]["sha256"].as_str().unwrap().len(), 64);
+    // Hashed while copying: the sum of the bytes that were copied.
+    assert_eq!(v[0]["sha256"], src_sum.as_str());
     assert_eq!(v[0]["labels"]["cuda"], "12.1");
     let o = cli(&e, &["show", "nvcr.io/nvidia/pytorch:24.01-py3"]);
     assert!(
@@ -152,6 +170,16 @@ fn init_add_list_show_remove() {
     assert!(o.status.success(), "{}", text(&o));
     let o = cli(&e, &["list", "--json"]);
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
+    // The removed entry's file stays, and add never overwrites it.
+    let o = add_other();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("already exists"), "{}", text(&o));
+    assert_eq!(integrity::sha256_file(&copy).unwrap(), src_sum);
+    let left: Vec<_> = fs::read_dir(root(&e).join("ml-frameworks"))
+        .unwrap()
+        .map(|d| d.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(left, ["pytorch-2.1.sif"], "no partial copy is left behind");
     assert_eq!(cli(&e, &["remove", "pytorch:2.1"]).status.code(), Some(1));
     assert_eq!(cli(&e, &["add"]).status.code(), Some(2));
     let help = cli(&e, &["add", "--help"]);

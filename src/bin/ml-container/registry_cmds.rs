@@ -49,6 +49,8 @@ pub fn init(cfg: &SiteConfig) -> ExitCode {
 /// Counts what passes through, printing a progress line now and then.
 struct Progress<R> {
     inner: R,
+    /// "hashing", "copying and hashing".
+    what: &'static str,
     path: PathBuf,
     total: u64,
     done: u64,
@@ -61,7 +63,8 @@ impl<R: Read> Read for Progress<R> {
         self.done += n as u64;
         if self.last.elapsed().as_millis() > 250 || n == 0 {
             eprint!(
-                "\rhashing {}: {:3}%",
+                "\r{} {}: {:3}%",
+                self.what,
                 self.path.display(),
                 self.done * 100 / self.total.max(1)
             );
@@ -75,22 +78,82 @@ impl<R: Read> Read for Progress<R> {
     }
 }
 
-/// sha256 of `path`, with a progress line on a terminal for large files
-/// (multi-GB images take a while: USERS.md #12).
-fn sha256_with_progress(path: &Path) -> std::io::Result<String> {
-    let f = fs::File::open(path)?;
-    let total = f.metadata()?.len();
+/// Hands on what it reads, and writes a copy of it to `copy`: copying an
+/// image and hashing it is then one pass over a multi-GB file, not two.
+struct Tee<R, W> {
+    inner: R,
+    copy: W,
+}
+
+impl<R: Read, W: Write> Read for Tee<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.copy.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+/// sha256 of what `r` (`total` bytes, from `path`) yields, with a progress
+/// line on a terminal for large files (multi-GB images take a while:
+/// USERS.md #12).
+fn sha256_with_progress(
+    r: impl Read,
+    what: &'static str,
+    path: &Path,
+    total: u64,
+) -> std::io::Result<String> {
     if std::io::stderr().is_terminal() && total > (64 << 20) {
         integrity::sha256_reader(Progress {
-            inner: f,
+            inner: r,
+            what,
             path: path.to_path_buf(),
             total,
             done: 0,
             last: std::time::Instant::now(),
         })
     } else {
-        integrity::sha256_reader(f)
+        integrity::sha256_reader(r)
     }
+}
+
+/// sha256 of the file at `path` and its size, with progress.
+fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
+    let f = fs::File::open(path)?;
+    let size = f.metadata()?.len();
+    Ok((size, sha256_with_progress(f, "hashing", path, size)?))
+}
+
+/// Copies `src` to `dest` (which must not exist) through `dest.partial`,
+/// hashing on the way: (size, sha256). Nothing is overwritten: the final
+/// step is link(2), which fails when `dest` exists.
+fn copy_and_hash(src: &Path, dest: &Path) -> std::io::Result<(u64, String)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let input = fs::File::open(src)?;
+    let total = input.metadata()?.len();
+    let tmp = dest.with_extension("partial");
+    let out = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    let result = (|| {
+        let mut tee = Tee {
+            inner: input,
+            copy: std::io::BufWriter::with_capacity(1 << 20, &out),
+        };
+        let sum = sha256_with_progress(&mut tee, "copying and hashing", src, total)?;
+        tee.copy.flush()?;
+        drop(tee);
+        // The umask may have narrowed create's mode.
+        out.set_permissions(fs::Permissions::from_mode(0o644))?;
+        out.sync_all()?;
+        let size = out.metadata()?.len();
+        fs::hard_link(&tmp, dest)?;
+        Ok((size, sum))
+    })();
+    let _ = fs::remove_file(&tmp);
+    result
 }
 
 /// `add FILE --name N --tag T [--default] [--alias A]... [--description D]
@@ -131,7 +194,8 @@ pub fn add(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
     }
     let root = cfg.registry.root.as_path();
     let real_root = fs::canonicalize(root).unwrap_or(root.to_path_buf());
-    let stored: PathBuf = match &copy_to {
+    // (path for the catalog, size, sha256, the copy this call made)
+    let (stored, size, sha256, copied): (PathBuf, u64, String, Option<PathBuf>) = match &copy_to {
         Some(dir) => {
             if dir.contains('/') || dir == ".." || dir.starts_with('.') {
                 return fail(&format!(
@@ -139,32 +203,49 @@ pub fn add(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
                     root.display()
                 ));
             }
+            // Refused before a multi-GB copy (and again, authoritatively,
+            // under the catalog lock).
+            if let Ok(reg) = Registry::open(&cfg.registry) {
+                if reg.catalog().is_ok_and(|c| c.get(&name, &tag).is_some()) {
+                    return fail(&format!(
+                        "{name}:{tag} is already in the catalog: 'ml-container remove \
+                         {name}:{tag}' first, or pick another tag"
+                    ));
+                }
+            }
             let ext = src.extension().and_then(|e| e.to_str()).unwrap_or("sif");
             let rel = PathBuf::from(dir).join(format!("{}-{tag}.{ext}", name.replace('/', "_")));
             let dest = root.join(&rel);
-            let tmp = dest.with_extension("partial");
-            let copied = fs::create_dir_all(root.join(dir))
-                .and_then(|()| fs::copy(&src, &tmp))
-                .and_then(|_| fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)))
-                .and_then(|()| fs::rename(&tmp, &dest));
-            if let Err(e) = copied {
-                let _ = fs::remove_file(&tmp);
+            if fs::symlink_metadata(&dest).is_ok() {
                 return fail(&format!(
-                    "cannot copy {} to {}: {e}",
-                    src.display(),
+                    "{} already exists: remove it or pick another tag (add never overwrites \
+                     an image)",
                     dest.display()
                 ));
             }
-            rel
+            let copied =
+                fs::create_dir_all(root.join(dir)).and_then(|()| copy_and_hash(&src, &dest));
+            match copied {
+                Ok((size, sum)) => (rel, size, sum, Some(dest)),
+                Err(e) => {
+                    return fail(&format!(
+                        "cannot copy {} to {}: {e}",
+                        src.display(),
+                        dest.display()
+                    ))
+                }
+            }
         }
         None => {
             let real = match fs::canonicalize(&src) {
                 Ok(p) => p,
                 Err(e) => return fail(&format!("{}: {e}", src.display())),
             };
-            match real.strip_prefix(&real_root) {
+            let stored = match real.strip_prefix(&real_root) {
                 Ok(rel) => rel.to_path_buf(),
-                Err(_) if cfg.allowed_image_dirs().iter().any(|d| real.starts_with(d)) => real,
+                Err(_) if cfg.allowed_image_dirs().iter().any(|d| real.starts_with(d)) => {
+                    real.clone()
+                }
                 Err(_) => {
                     return fail(&format!(
                         "{} is outside the registry {}: add --copy-to ml-frameworks to copy it in",
@@ -172,21 +253,12 @@ pub fn add(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
                         root.display()
                     ))
                 }
+            };
+            match hash_file(&real) {
+                Ok((size, sum)) => (stored, size, sum, None),
+                Err(e) => return fail(&format!("cannot hash {}: {e}", real.display())),
             }
         }
-    };
-    let full = if stored.is_absolute() {
-        stored.clone()
-    } else {
-        root.join(&stored)
-    };
-    let size = match fs::metadata(&full) {
-        Ok(m) => m.len(),
-        Err(e) => return fail(&format!("{}: {e}", full.display())),
-    };
-    let sha256 = match sha256_with_progress(&full) {
-        Ok(s) => s,
-        Err(e) => return fail(&format!("cannot hash {}: {e}", full.display())),
     };
     let added = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -214,7 +286,13 @@ pub fn add(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
             println!("added {reference} ({size} bytes)");
             ExitCode::SUCCESS
         }
-        Err(e) => fail(&e.to_string()),
+        Err(e) => {
+            // The copy this call made is not in the catalog: take it back.
+            if let Some(dest) = copied {
+                let _ = fs::remove_file(dest);
+            }
+            fail(&e.to_string())
+        }
     }
 }
 
@@ -387,7 +465,7 @@ pub fn verify(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
             .map_err(|e| e.to_string())
             .and_then(|()| match &im.sha256 {
                 Some(want) => {
-                    let got = sha256_with_progress(&path).map_err(|e| e.to_string())?;
+                    let got = hash_file(&path).map_err(|e| e.to_string())?.1;
                     if &got == want {
                         Ok("sha256 ok")
                     } else {
