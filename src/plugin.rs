@@ -671,8 +671,18 @@ fn now_ms() -> u128 {
 /// Reporting problems are logged, never turned into a step failure.
 pub fn task_exit(host: &mut dyn Host) -> Result<(), PluginError> {
     fault_injection(host, "task_exit");
-    let mut st = state();
-    let (Some(Ok(config)), Some((pin, plan))) = (st.config.clone(), st.plan.clone()) else {
+    let mut guard = state();
+    // Disjoint borrows of the fields: nothing is cloned per task.
+    let State {
+        config,
+        options,
+        plan,
+        started_ms,
+        oom_at_start,
+        outcomes,
+        ..
+    } = &mut *guard;
+    let (Some(Ok(config)), Some((pin, plan))) = (config.as_ref(), plan.as_ref()) else {
         return Ok(());
     };
     let Some(status) = host.task_exit_status() else {
@@ -692,7 +702,7 @@ pub fn task_exit(host: &mut dyn Host) -> Result<(), PluginError> {
         &node,
         &pin.display_name(),
         &outcome,
-        now_ms().saturating_sub(st.started_ms),
+        now_ms().saturating_sub(*started_ms),
     );
     if let Err(e) = report::append_line(config.failure.metrics_log.as_path(), &line) {
         log::warn!(
@@ -708,22 +718,22 @@ pub fn task_exit(host: &mut dyn Host) -> Result<(), PluginError> {
             pin.display_name()
         ));
     }
-    st.outcomes.push(outcome);
+    outcomes.push(outcome);
     let all_done = host
         .local_task_count()
-        .is_none_or(|n| st.outcomes.len() >= n as usize);
-    if !all_done || !st.outcomes.iter().any(TaskOutcome::failed) {
+        .is_none_or(|n| outcomes.len() >= n as usize);
+    if !all_done || !outcomes.iter().any(TaskOutcome::failed) {
         return Ok(());
     }
-    let dist = st.options.dist.unwrap_or(config.distributed.enabled);
+    let dist = options.dist.unwrap_or(config.distributed.enabled);
     let rep = build_report(
         host,
-        &config,
-        &pin,
-        &plan,
-        &st.outcomes,
-        st.started_ms,
-        st.oom_at_start,
+        config,
+        pin,
+        plan,
+        outcomes,
+        *started_ms,
+        *oom_at_start,
         dist,
     );
     let gid = host.job_ids().map_or(0, |(_, g)| g);
