@@ -71,8 +71,12 @@ fn registry_with(dir: &Path, n: usize) -> RegistryConfig {
 fn main() {
     let dir = scratch();
 
-    println!("== resolution: open registry + parse catalog + resolve one name");
-    println!("{:>10}  {:>12}  {:>14}", "images", "median", "per image");
+    println!("== resolution in srun: open registry + parse catalog + resolve one name");
+    println!("== and on a node given srun's pin: open registry + check the pin");
+    println!(
+        "{:>10}  {:>12}  {:>14}  {:>14}",
+        "images", "srun", "per image", "pinned node"
+    );
     for n in [10usize, 1_000, 10_000] {
         let cfg = registry_with(&dir, n);
         let want = format!("image{}", n / 2);
@@ -81,10 +85,16 @@ fn main() {
             let reg = Registry::open(&cfg).unwrap();
             black_box(reg.resolve(&want).unwrap());
         });
+        let pin = Registry::open(&cfg).unwrap().resolve(&want).unwrap();
+        let node = median(20, || {
+            let reg = Registry::open(&cfg).unwrap();
+            reg.check_pin(black_box(&pin)).unwrap();
+        });
         println!(
-            "{n:>10}  {:>10.3}ms  {:>12.2}us",
+            "{n:>10}  {:>10.3}ms  {:>12.2}us  {:>12.3}ms",
             ms(t),
-            t.as_secs_f64() * 1e6 / n as f64
+            t.as_secs_f64() * 1e6 / n as f64,
+            ms(node)
         );
     }
 

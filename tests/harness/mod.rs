@@ -226,9 +226,20 @@ impl Options {
         self
     }
 
+    /// A file in the root; one that starts with `#!` is made executable.
     pub fn file(mut self, path: &str, content: &str) -> Options {
         self.files.push((path.to_string(), content.to_string()));
         self
+    }
+
+    /// slurm.conf's TaskProlog: a shell script with `body` (it takes the
+    /// slurm.conf.extra file).
+    pub fn task_prolog(self, body: &str) -> Options {
+        self.file(
+            "/etc/slurm/slurm.conf.extra",
+            "TaskProlog=/etc/slurm/taskprolog.sh\n",
+        )
+        .file("/etc/slurm/taskprolog.sh", &format!("#!/bin/sh\n{body}\n"))
     }
 
     pub fn copy(mut self, host: &std::path::Path, inside: &str) -> Options {
@@ -441,6 +452,9 @@ impl Cluster {
             let dest = stage.join(path.trim_start_matches('/'));
             fs::create_dir_all(dest.parent().expect("parent")).expect("stage dir");
             fs::write(&dest, content).expect("stage file");
+            if content.starts_with("#!") {
+                fs::set_permissions(&dest, fs::Permissions::from_mode(0o755)).expect("chmod");
+            }
         }
         // The CLI and the pre-23.11 launcher, as the package installs them.
         let tools: &[(&str, &str)] = if opts.install_plugin {

@@ -126,19 +126,7 @@ fn exit_codes_and_signals_pass_through() {
 }
 
 fn task_prolog_and_tmpdir_still_work() {
-    let c = cluster(
-        Options::default()
-            .file(
-                "/etc/slurm/slurm.conf.extra",
-                "TaskProlog=/etc/slurm/taskprolog.sh\n",
-            )
-            .file(
-                "/etc/slurm/taskprolog.sh",
-                "#!/bin/sh\necho export FROM_PROLOG=prolog-ran\n",
-            ),
-    );
-    c.run_root(1, &["chmod", "0755", "/etc/slurm/taskprolog.sh"])
-        .assert_ok();
+    let c = cluster(Options::default().task_prolog("echo export FROM_PROLOG=prolog-ran"));
     let tmp = format!("{HOME}/jobtmp");
     let r = c.srun_env(
         &[("TMPDIR", &tmp)],

@@ -254,8 +254,6 @@ fn a_hung_probe_costs_at_most_its_timeout() {
             )
             .file("/usr/local/bin/nvidia-smi", "#!/bin/sh\nexec sleep 1000\n"),
     );
-    c.run_root(1, &["chmod", "0755", "/usr/local/bin/nvidia-smi"])
-        .assert_ok();
     let t = Instant::now();
     let r = c.srun(&[
         "-N1",
@@ -331,18 +329,8 @@ fn an_oom_kill_is_named_in_the_report() {
     let cg = MemoryCgroup::new("134217728");
     let procs = cg.dir.join("cgroup.procs");
     let c = cluster(
-        Options::default()
-            .file(
-                "/etc/slurm/slurm.conf.extra",
-                "TaskProlog=/etc/slurm/taskprolog.sh\n",
-            )
-            .file(
-                "/etc/slurm/taskprolog.sh",
-                &format!("#!/bin/sh\necho $SLURM_TASK_PID > {}\n", procs.display()),
-            ),
+        Options::default().task_prolog(&format!("echo $SLURM_TASK_PID > {}", procs.display())),
     );
-    c.run_root(1, &["chmod", "0755", "/etc/slurm/taskprolog.sh"])
-        .assert_ok();
     let r = c.srun(&[
         "-N1",
         "-w",
