@@ -14,6 +14,7 @@ crate::on_slurm_24_11!(
     bad_setups_fail_clearly_and_fast,
     nv_exactly_when_the_step_has_gpus,
     the_singularity_kind_runs_the_image_with_the_contract,
+    options_can_come_from_slurms_spank_option_variables,
 );
 
 #[test]
@@ -155,6 +156,28 @@ fn commands_are_looked_up_in_the_image() {
     // A path the user typed is used as typed.
     let r = c.srun(&["-N1", "--ml-container=demo", "/usr/bin/cat", "/MARKER"]);
     r.assert_failed();
+}
+
+/// Where no command line can carry `--ml-container` (slurmrestd, wrapper
+/// scripts), Slurm itself reads each SPANK option from
+/// `SLURM_SPANK__SLURM_SPANK_OPTION_<plugin>_<option>`, non-alphanumerics
+/// as `_` (src/common/plugstack.c, spank_process_env_options); the plugin
+/// sees the value through the same callback, checks included.
+fn options_can_come_from_slurms_spank_option_variables() {
+    let c = cluster(Options::default());
+    let var = |opt: &str| format!("SLURM_SPANK__SLURM_SPANK_OPTION_ml_container_{opt}");
+    let image = var("ml_container");
+    let gpus = var("ml_container_gpus");
+    let r = c.srun_env(&[(&image, "demo")], &["-N2", "-n2", "cat", "/MARKER"]);
+    assert_eq!(r.assert_ok().stdout, "demo\ndemo\n", "{r}");
+    // A bad value fails in srun, before any node runs a task.
+    let r = c.srun_env(
+        &[(&image, "demo"), (&gpus, "bogus")],
+        &["-N1", "/bin/sh", "-c", "echo ran"],
+    );
+    r.assert_failed();
+    assert!(!r.stdout.contains("ran"), "{r}");
+    assert!(r.stderr.contains("auto, on, off"), "{r}");
 }
 
 fn bad_setups_fail_clearly_and_fast() {
