@@ -143,11 +143,19 @@ impl Report {
                 self.recommendations.push(r);
             }
         };
-        let oom = self.node_state.oom_kills_during_step.is_some_and(|n| n > 0);
+        // The counter is the node's: another job's OOM kill counts too, so
+        // a SIGKILL during one is most likely, not surely, this step's.
+        let oom = self.node_state.oom_kills_during_step.filter(|n| *n > 0);
         for t in self.tasks.iter().filter(|t| t.failed()) {
             match (t.exit_code, t.signal) {
-                (_, Some(libc::SIGKILL)) if oom => issue(
-                    format!("rank {} was killed by the kernel's OOM killer", t.rank),
+                (_, Some(libc::SIGKILL)) if oom.is_some() => issue(
+                    format!(
+                        "rank {} was killed by SIGKILL while the kernel's OOM killer ran on this node \
+                         ({} kill(s) during the step): most likely out of memory, else scancel, a \
+                         time limit or preemption",
+                        t.rank,
+                        oom.unwrap_or_default()
+                    ),
                     "request more memory (--mem / --mem-per-gpu) or reduce the batch size".into(),
                 ),
                 (_, Some(s)) if s == libc::SIGTERM || s == libc::SIGKILL => issue(
@@ -426,9 +434,24 @@ mod tests {
         );
 
         let mut r = report(vec![TaskOutcome::from_wait_status(2, 0, libc::SIGKILL)]);
-        r.node_state.oom_kills_during_step = Some(1);
+        r.node_state.oom_kills_during_step = Some(2);
         r.analyze(&Context::default());
-        assert!(r.issues_found[0].contains("OOM"), "{:?}", r.issues_found);
+        assert!(
+            r.issues_found[0].contains("OOM killer ran on this node (2 kill(s)")
+                && r.issues_found[0].contains("most likely out of memory"),
+            "{:?}",
+            r.issues_found
+        );
+        assert!(r.recommendations[0].contains("--mem"));
+        // No OOM kill on the node: a SIGKILL came from outside.
+        let mut r = report(vec![TaskOutcome::from_wait_status(2, 0, libc::SIGKILL)]);
+        r.node_state.oom_kills_during_step = Some(0);
+        r.analyze(&Context::default());
+        assert!(
+            r.issues_found[0].contains("scancel"),
+            "{:?}",
+            r.issues_found
+        );
 
         let mut r = report(vec![TaskOutcome::from_wait_status(2, 0, libc::SIGTERM)]);
         r.analyze(&Context::default());

@@ -352,7 +352,7 @@ fn an_oom_kill_is_named_in_the_report() {
     assert!(
         rep["issues_found"]
             .to_string()
-            .contains("rank 0 was killed by the kernel's OOM killer"),
+            .contains("rank 0 was killed by SIGKILL while the kernel's OOM killer ran"),
         "{rep}"
     );
 }
