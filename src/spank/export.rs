@@ -32,9 +32,9 @@ pub static plugin_type: [u8; 6] = *b"spank\0";
 pub static plugin_version: c_uint = sys::SLURM_VERSION_NUMBER;
 
 /// Runs one callback body: its error or its panic becomes a logged line and
-/// -1; nothing unwinds into C.
-/// The callback's own time goes to the debug log (SlurmdDebug=debug, or
-/// `srun -vv`), so a site can see what the plugin adds to a launch.
+/// -1; nothing unwinds into C. The callback's own time is logged at debug
+/// level, which is Slurm's "verbose" (SlurmdDebug=verbose shows it in the
+/// slurmd log), so a site can see what the plugin adds to a launch.
 fn guard(callback: &'static str, body: impl FnOnce() -> Result<(), PluginError>) -> c_int {
     let started = Instant::now();
     let outcome = catch_unwind(AssertUnwindSafe(body));
