@@ -796,3 +796,26 @@ pub fn read_matching(cluster: &Cluster, dir: &str, prefix: &str) -> Vec<(String,
     out.sort();
     out
 }
+
+/// `srun -N2 -n2 --ml-container=rank999`: the image (see [`images`]) says
+/// RANK=999 and MASTER_PORT=1 in its `%environment`; each task must still
+/// see its own RANK, the step's WORLD_SIZE and MASTER_ADDR, and the
+/// plugin's MASTER_PORT, in that image.
+pub fn assert_contract_beats_rank999(c: &Cluster) {
+    let r = c.srun(&[
+        "-N2",
+        "-n2",
+        "--ml-container=rank999",
+        "/bin/sh",
+        "-c",
+        "echo $SLURM_PROCID $RANK $MASTER_PORT $(cat /MARKER) $WORLD_SIZE $MASTER_ADDR",
+    ]);
+    r.assert_ok();
+    assert_eq!(r.stdout.lines().count(), 2, "{r}");
+    for line in r.stdout.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(f[0], f[1], "RANK is not the task's: {r}");
+        assert_ne!(f[2], "1", "the image's MASTER_PORT won: {r}");
+        assert_eq!(f[3..], ["rank999", "2", "n1"], "{r}");
+    }
+}

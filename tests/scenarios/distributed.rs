@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::harness::{mpi_image, Cluster, Options, Slurm, HOME};
+use crate::harness::{assert_contract_beats_rank999, mpi_image, Cluster, Options, Slurm, HOME};
 use slurm_ml_container::hostlist;
 
 crate::on_slurm_24_11!(
@@ -284,20 +284,7 @@ fn user_values_survive_and_the_image_environment_loses() {
         "the image does not set what the test assumes: {r}"
     );
 
-    let r = c.srun(&[
-        "-N2",
-        "-n2",
-        "--ml-container=rank999",
-        "/bin/sh",
-        "-c",
-        "echo $SLURM_PROCID $RANK $MASTER_PORT",
-    ]);
-    r.assert_ok();
-    for line in r.stdout.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(f[0], f[1], "RANK is not the task's: {r}");
-        assert_ne!(f[2], "1", "the image's MASTER_PORT won: {r}");
-    }
+    assert_contract_beats_rank999(&c);
     let r = c.srun_env(
         &[("MASTER_PORT", "12345"), ("NCCL_DEBUG", "TRACE")],
         &[

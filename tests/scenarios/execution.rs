@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{mpi_image, sqfs_image, Cluster, Options, Slurm, HOME};
+use crate::harness::{
+    assert_contract_beats_rank999, mpi_image, sqfs_image, Cluster, Options, Slurm, HOME,
+};
 
 crate::on_slurm_24_11!(
     task_runs_in_the_image_as_the_user_with_binds_and_stdin,
@@ -307,23 +309,7 @@ fn the_singularity_kind_runs_the_image_with_the_contract() {
             .file(CONFIG, "[runtime]\nkind = \"singularity\"\nbinds = []\n")
             .with_scan_images(&["rank999"]),
     );
-    let r = c.srun(&[
-        "-N2",
-        "-n2",
-        "--ml-container=rank999",
-        "/bin/sh",
-        "-c",
-        "echo $(cat /MARKER) $RANK $WORLD_SIZE $MASTER_ADDR $MASTER_PORT",
-    ]);
-    r.assert_ok();
-    let mut lines: Vec<&str> = r.stdout.lines().collect();
-    lines.sort_unstable();
-    assert_eq!(lines.len(), 2, "{r}");
-    for (rank, line) in lines.iter().enumerate() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(f[..4], ["rank999", &rank.to_string(), "2", "n1"], "{r}");
-        assert_ne!(f[4], "1", "the image's MASTER_PORT won: {r}");
-    }
+    assert_contract_beats_rank999(&c);
     let log = c.slurmd_log(1);
     assert!(
         log.contains("runtime command: /usr/bin/singularity exec"),

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::{Cluster, Options, Slurm};
+use crate::harness::{Cluster, Options, Run, Slurm};
 
 crate::on_slurm_24_11!(
     a_failed_task_leaves_a_report_on_its_node_and_metrics_lines,
@@ -30,6 +30,19 @@ fn report(c: &Cluster, job: u32, node: &str, within: Duration) -> Option<Value> 
     let path = c.path(&format!("{REPORTS}/{job}/0.{node}.json"));
     wait_for(within, || std::fs::read_to_string(&path).ok())
         .map(|text| serde_json::from_str(&text).expect("report is JSON"))
+}
+
+/// `sh -c SCRIPT` in the demo image, one task on n1.
+fn on_n1(c: &Cluster, script: &str) -> Run {
+    c.srun(&[
+        "-N1",
+        "-w",
+        "n1",
+        "--ml-container=demo",
+        "/bin/sh",
+        "-c",
+        script,
+    ])
 }
 
 /// Polls `f` every 50 ms until it gives a value or `within` has passed.
@@ -137,15 +150,7 @@ fn a_failed_task_leaves_a_report_on_its_node_and_metrics_lines() {
 
 fn signals_and_scancel_are_recorded() {
     let c = cluster(Options::default());
-    let r = c.srun(&[
-        "-N1",
-        "-w",
-        "n1",
-        "--ml-container=demo",
-        "/bin/sh",
-        "-c",
-        "kill -9 $$",
-    ]);
+    let r = on_n1(&c, "kill -9 $$");
     r.assert_failed();
     let rep = report(&c, 1, "n1", Duration::from_secs(2)).expect("report of job 1");
     assert_eq!(rep["tasks"][0]["signal"], 9, "{rep}");
@@ -228,15 +233,7 @@ fn a_planted_symlink_is_not_followed() {
         ],
     )
     .assert_ok();
-    let r = c.srun(&[
-        "-N1",
-        "-w",
-        "n1",
-        "--ml-container=demo",
-        "/bin/sh",
-        "-c",
-        "exit 5",
-    ]);
+    let r = on_n1(&c, "exit 5");
     assert_eq!(r.code, Some(5), "{r}");
     let rep = report(&c, 1, "n1", Duration::from_secs(2)).expect("report");
     assert_eq!(rep["tasks"][0]["exit_code"], 5);
@@ -255,15 +252,7 @@ fn a_hung_probe_costs_at_most_its_timeout() {
             .file("/usr/local/bin/nvidia-smi", "#!/bin/sh\nexec sleep 1000\n"),
     );
     let t = Instant::now();
-    let r = c.srun(&[
-        "-N1",
-        "-w",
-        "n1",
-        "--ml-container=demo",
-        "/bin/sh",
-        "-c",
-        "exit 1",
-    ]);
+    let r = on_n1(&c, "exit 1");
     let took = t.elapsed();
     assert_eq!(r.code, Some(1), "{r}");
     // The probe's 2 s plus the master probe's at most 2 s plus the launch
@@ -331,15 +320,7 @@ fn an_oom_kill_is_named_in_the_report() {
     let c = cluster(
         Options::default().task_prolog(&format!("echo $SLURM_TASK_PID > {}", procs.display())),
     );
-    let r = c.srun(&[
-        "-N1",
-        "-w",
-        "n1",
-        "--ml-container=demo",
-        "/bin/sh",
-        "-c",
-        "x=0123456789; while :; do x=$x$x; done",
-    ]);
+    let r = on_n1(&c, "x=0123456789; while :; do x=$x$x; done");
     r.assert_failed();
     let rep = report(&c, 1, "n1", Duration::from_secs(2)).expect("report of the OOM-killed step");
     assert_eq!(rep["tasks"][0]["signal"], 9, "{rep}");
