@@ -180,6 +180,21 @@ fn options_can_come_from_slurms_spank_option_variables() {
     r.assert_failed();
     assert!(!r.stdout.contains("ran"), "{r}");
     assert!(r.stderr.contains("auto, on, off"), "{r}");
+    // A job submitted with the variable in its environment (what
+    // slurmrestd does): the script's srun steps run in the image.
+    let script = format!("{HOME}/env-option.sh");
+    let out = format!("{HOME}/env-option.out");
+    c.write(&script, "#!/bin/sh\nsrun -N1 cat /MARKER\n", 0o755);
+    c.run(
+        1,
+        &[(&image, "demo")],
+        &["sbatch", "--wait", "-N1", "-o", &out, &script],
+    )
+    .assert_ok();
+    // The -o file also holds the task's stderr: Apptainer's INFO lines.
+    let text = c.read(&out);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("INFO:")).collect();
+    assert_eq!(lines, ["demo"], "{text}");
 }
 
 fn bad_setups_fail_clearly_and_fast() {
