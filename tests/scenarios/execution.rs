@@ -158,6 +158,38 @@ fn commands_are_looked_up_in_the_image() {
     // A path the user typed is used as typed.
     let r = c.srun(&["-N1", "--ml-container=demo", "/usr/bin/cat", "/MARKER"]);
     r.assert_failed();
+    // Also with none of the user's environment (--export=NONE, common in
+    // batch scripts): no PATH from the host, the contract still set.
+    let r = c.srun(&[
+        "-N2",
+        "-n2",
+        "--export=NONE",
+        "--ml-container=demo",
+        "sh",
+        "-c",
+        "echo $(cat /MARKER) $WORLD_SIZE",
+    ]);
+    assert_eq!(r.assert_ok().stdout, "demo 2\ndemo 2\n", "{r}");
+    // salloc's options apply to the steps run in its allocation.
+    let r = c.run(
+        1,
+        &[],
+        &[
+            "salloc",
+            "-N2",
+            "--ml-container=demo",
+            "srun",
+            "-N2",
+            "cat",
+            "/MARKER",
+        ],
+    );
+    let lines: Vec<&str> = r
+        .stdout
+        .lines()
+        .filter(|l| !l.starts_with("INFO:"))
+        .collect();
+    assert_eq!(lines, ["demo", "demo"], "{r}");
 }
 
 /// Where no command line can carry `--ml-container` (slurmrestd, wrapper
