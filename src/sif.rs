@@ -22,9 +22,7 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
-use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
 
 /// Size of the global header (sif.go `header`): launch script 32, magic 10,
 /// version 3, arch 3, UUID 16, then eight int64.
@@ -119,8 +117,6 @@ pub struct PartitionInfo {
 /// so the one-line message can say what is wrong without a second look.
 #[derive(Debug)]
 pub enum SifError {
-    /// The image could not be opened or its length read.
-    Open { path: PathBuf, source: io::Error },
     /// A read failed (or found end of file where the length said there was
     /// data: the file shrank while being read).
     Io { offset: u64, source: io::Error },
@@ -193,11 +189,6 @@ const REBUILD: &str = "re-copy or rebuild the image";
 impl fmt::Display for SifError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SifError::Open { path, source } => write!(
-                f,
-                "cannot open SIF image {}: {source}; check the path and its permissions",
-                path.display()
-            ),
             SifError::Io { offset, source } => write!(
                 f,
                 "reading the SIF image at byte {offset} failed: {source}; \
@@ -347,7 +338,7 @@ impl fmt::Display for SifError {
 impl std::error::Error for SifError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            SifError::Open { source, .. } | SifError::Io { source, .. } => Some(source),
+            SifError::Io { source, .. } => Some(source),
             _ => None,
         }
     }
@@ -720,17 +711,6 @@ pub fn example_header(file_len: u64) -> Vec<u8> {
     put(sb + SQ_MAJOR_AT, &4u16.to_le_bytes());
     put(sb + SQ_BYTES_USED_AT, &part_len.to_le_bytes());
     v
-}
-
-/// [`inspect`] on the file at `path`, against its length on disk.
-pub fn inspect_path(path: &Path) -> Result<SifSummary, SifError> {
-    let open = |source| SifError::Open {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = File::open(path).map_err(open)?;
-    let file_len = file.metadata().map_err(open)?.len();
-    inspect(&mut file, file_len)
 }
 
 #[cfg(test)]
@@ -1404,10 +1384,6 @@ mod tests {
     fn every_message_is_one_line() {
         let io = || io::Error::other("boom");
         let all = [
-            SifError::Open {
-                path: "/x.sif".into(),
-                source: io(),
-            },
             SifError::Io {
                 offset: 1,
                 source: io(),
@@ -1486,34 +1462,17 @@ mod tests {
         assert!(std::error::Error::source(&e).is_some());
     }
 
-    #[test]
-    fn inspect_path_reads_a_file() {
-        let dir = std::env::temp_dir().join(format!("sif-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("ok.sif");
-        std::fs::write(&path, valid()).unwrap();
-        let s = inspect_path(&path).unwrap();
-        assert_eq!(s.descriptors_used, 3);
-        let missing = dir.join("missing.sif");
-        match inspect_path(&missing) {
-            Err(SifError::Open { path, source }) => {
-                assert_eq!(path, missing);
-                assert_eq!(source.kind(), io::ErrorKind::NotFound);
-            }
-            other => panic!("{other:?}"),
-        }
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
     /// An image built by Apptainer 1.4.5 (busybox), where one is around;
     /// not part of the repository.
     #[test]
     fn real_apptainer_image_if_present() {
-        let path = Path::new("/tmp/real.sif");
+        let path = std::path::Path::new("/tmp/real.sif");
         if !path.exists() {
             return;
         }
-        let s = inspect_path(path).unwrap();
+        let mut file = std::fs::File::open(path).unwrap();
+        let len = file.metadata().unwrap().len();
+        let s = inspect(&mut file, len).unwrap();
         assert_eq!(s.version, "01");
         assert_eq!(s.arch, "amd64");
         assert!(s.descriptors_used >= 1);
