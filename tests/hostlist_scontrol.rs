@@ -56,6 +56,20 @@ struct Scontrol {
     dir: PathBuf,
 }
 
+/// One list on which our parser and scontrol disagree, with what scontrol
+/// makes of the list on its own (batching must not be the cause).
+fn difference(
+    list: &str,
+    ours: &impl std::fmt::Debug,
+    slurm: &Slurm,
+    scontrol: &Scontrol,
+) -> String {
+    format!(
+        "{list:?}:\n  ours:     {ours:?}\n  scontrol: {slurm:?}\n  alone:    {:?}",
+        scontrol.single(list)
+    )
+}
+
 impl Scontrol {
     /// Writes a minimal slurm.conf (scontrol wants a config source even for
     /// `show hostnames`) and checks that scontrol runs.
@@ -337,10 +351,7 @@ fn expand_matches_scontrol_on_valid_lists() {
             );
             continue;
         }
-        failures.push(format!(
-            "{list:?}:\n  ours:     {ours:?}\n  scontrol: {slurm:?}\n  alone:    {:?}",
-            scontrol.single(list)
-        ));
+        failures.push(difference(list, &ours, &slurm, &scontrol));
         if failures.len() == 20 {
             break;
         }
@@ -468,10 +479,7 @@ fn random_strings_agree_with_scontrol() {
             (Ok(a), Slurm::Hosts(b)) if a == b => both_valid += 1,
             (Err(_), Slurm::Invalid) => both_invalid += 1,
             (Err(e), Slurm::Hosts(_)) if documented_difference(list, e) => documented += 1,
-            _ => failures.push(format!(
-                "{list:?}:\n  ours:     {ours:?}\n  scontrol: {slurm:?}\n  alone:    {:?}",
-                scontrol.single(list)
-            )),
+            _ => failures.push(difference(list, &ours, &slurm, &scontrol)),
         }
         if failures.len() == 20 {
             break;

@@ -32,6 +32,11 @@ fn report(c: &Cluster, job: u32, node: &str, within: Duration) -> Option<Value> 
         .map(|text| serde_json::from_str(&text).expect("report is JSON"))
 }
 
+/// `sh -c SCRIPT` in the demo image, one task on each of n1 and n2.
+fn on_two_nodes(c: &Cluster, script: &str) -> Run {
+    c.srun(&["-N2", "-n2", "--ml-container=demo", "/bin/sh", "-c", script])
+}
+
 /// `sh -c SCRIPT` in the demo image, one task on n1.
 fn on_n1(c: &Cluster, script: &str) -> Run {
     c.srun(&[
@@ -66,14 +71,7 @@ fn a_failed_task_leaves_a_report_on_its_node_and_metrics_lines() {
     // cluster.
     c.run_root(1, &["busybox", "syslogd", "-O", "/var/log/syslog.test"])
         .assert_ok();
-    let r = c.srun(&[
-        "-N2",
-        "-n2",
-        "--ml-container=demo",
-        "/bin/sh",
-        "-c",
-        "[ $RANK = 1 ] && exit 7; exit 0",
-    ]);
+    let r = on_two_nodes(&c, "[ $RANK = 1 ] && exit 7; exit 0");
     assert_eq!(r.code, Some(7), "{r}");
     let rep = report(&c, 1, "n2", Duration::from_secs(1)).expect("no report on n2 within 1 s");
     assert_eq!(rep["job_id"], 1);
@@ -187,14 +185,7 @@ fn the_other_ranks_report_an_unreachable_master() {
         "/etc/slurm/ml-container.toml",
         "[failure]\nprobe_timeout = 2\n",
     ));
-    let r = c.srun(&[
-        "-N2",
-        "-n2",
-        "--ml-container=demo",
-        "/bin/sh",
-        "-c",
-        "[ $RANK = 0 ] && exit 3; sleep 1; exit 4",
-    ]);
+    let r = on_two_nodes(&c, "[ $RANK = 0 ] && exit 3; sleep 1; exit 4");
     r.assert_failed();
     let rep = report(&c, 1, "n2", Duration::from_secs(5)).expect("report on n2");
     assert_eq!(rep["node_state"]["master"]["reachable"], false, "{rep}");
