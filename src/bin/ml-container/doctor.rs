@@ -138,12 +138,14 @@ pub fn doctor(cfg: &SiteConfig, config_path: &Path) -> ExitCode {
             "chown root and chmod 0644 the catalog and its directory",
         ),
     }
-    match Registry::open(&cfg.registry).and_then(|reg| {
-        reg.catalog()?;
-        Ok(reg)
-    }) {
-        Ok(reg) => {
-            let images = reg.catalog().map(|c| c.images.as_slice()).unwrap_or(&[]);
+    let opened = Registry::open(&cfg.registry);
+    let catalog = opened
+        .as_ref()
+        .map_err(ToString::to_string)
+        .and_then(|reg| reg.catalog().map(|c| (reg, c)).map_err(|e| e.to_string()));
+    match catalog {
+        Ok((reg, catalog)) => {
+            let images = &catalog.images;
             for im in images {
                 let p = if im.path.is_absolute() {
                     im.path.clone()
@@ -170,7 +172,7 @@ pub fn doctor(cfg: &SiteConfig, config_path: &Path) -> ExitCode {
             }
             f.ok(format!("{} catalog entries checked", images.len()));
         }
-        Err(e) => f.problem(format!("{e}"), "fix the catalog"),
+        Err(e) => f.problem(e, "fix the catalog"),
     }
     finish(f)
 }
