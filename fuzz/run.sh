@@ -3,7 +3,8 @@
 #
 # Installs cargo-fuzz (pinned) into a cache directory when missing, seeds the
 # target's corpus when it is empty, and exits non-zero when the fuzzer finds
-# a crash (the input is then under fuzz/artifacts/TARGET/). Needs only the
+# a crash (the input is then under fuzz/artifacts/TARGET/). libFuzzer's own
+# output goes to target/fuzz-TARGET.log. Needs only the
 # stable toolchain: RUSTC_BOOTSTRAP=1 lets it take the -Z sanitizer flags
 # that cargo-fuzz passes.
 set -euo pipefail
@@ -96,6 +97,19 @@ if [[ -z $(ls -A "$corpus") ]] && declare -F "seed_$target" >/dev/null; then
     "seed_$target" "$corpus"
 fi
 
+# libFuzzer prints a line for every new coverage point (close to a megabyte
+# a minute): that goes to a log file, and the terminal (or CI) gets one line,
+# or the log's end when the fuzzer failed.
+log=$here/../target/fuzz-$target.log
+mkdir -p "$(dirname "$log")"
+echo "fuzz/run.sh: fuzzing $target for $seconds s (libFuzzer's output: target/fuzz-$target.log)"
 # -timeout: an input that takes seconds is a hang in a parser of a few KiB.
+status=0
 RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "$corpus" -- \
-    -max_total_time="$seconds" -timeout=10
+    -max_total_time="$seconds" -timeout=10 >"$log" 2>&1 || status=$?
+if [[ $status != 0 ]]; then
+    tail -n 80 "$log" >&2
+    echo "fuzz/run.sh: $target failed (exit $status); a crashing input is under fuzz/artifacts/$target/" >&2
+    exit "$status"
+fi
+echo "fuzz/run.sh: $target: $(grep -E '^Done [0-9]+ runs' "$log" | tail -n 1 || true), no crash"

@@ -271,7 +271,14 @@ pub fn mpi_image() -> PathBuf {
     let st = Command::new("mksquashfs")
         .arg(&tree)
         .arg(&tmp)
-        .args(["-noappend", "-quiet", "-all-root", "-e", ".complete"])
+        .args([
+            "-noappend",
+            "-quiet",
+            "-no-progress",
+            "-all-root",
+            "-e",
+            ".complete",
+        ])
         .status()
         .expect("run mksquashfs");
     assert!(st.success(), "mksquashfs of the MPI tree failed");
@@ -312,7 +319,7 @@ pub fn sqfs_image(marker: &str) -> PathBuf {
     let st = Command::new("mksquashfs")
         .arg(&tree)
         .arg(&out)
-        .args(["-noappend", "-quiet", "-all-root"])
+        .args(["-noappend", "-quiet", "-no-progress", "-all-root"])
         .status()
         .expect("run mksquashfs (apt-get install squashfs-tools)");
     assert!(st.success(), "mksquashfs failed");

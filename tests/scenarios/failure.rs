@@ -259,40 +259,81 @@ fn a_hung_probe_costs_at_most_its_timeout() {
 /// a limit, that the job's user may move its own tasks into; removed on drop.
 struct MemoryCgroup {
     dir: std::path::PathBuf,
+    /// The file whose `oom_kill N` line counts this cgroup's OOM kills.
+    events: &'static str,
 }
 
 impl MemoryCgroup {
     fn new(limit: &str) -> MemoryCgroup {
         let name = format!("mlc-oom-test-{}", std::process::id());
-        // cgroup v1's memory hierarchy, else cgroup v2's unified one.
+        // Under cgroup v1, inside the test process's own memory cgroup when
+        // it can be (so whatever confines this test run also confines the
+        // test's task), else at the hierarchy's root; under cgroup v2 at
+        // the root (a v2 cgroup that holds processes cannot delegate its
+        // memory controller to a child).
+        let own_v1 = std::fs::read_to_string("/proc/self/cgroup")
+            .ok()
+            .and_then(|t| {
+                t.lines().find_map(|l| {
+                    let mut f = l.splitn(3, ':');
+                    let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+                    controllers
+                        .split(',')
+                        .any(|c| c == "memory")
+                        .then(|| format!("/sys/fs/cgroup/memory{path}"))
+                })
+            });
+        let candidates = own_v1
+            .into_iter()
+            .map(|base| (base, "memory.limit_in_bytes", "memory.oom_control"))
+            .chain([
+                (
+                    "/sys/fs/cgroup/memory".to_string(),
+                    "memory.limit_in_bytes",
+                    "memory.oom_control",
+                ),
+                (
+                    "/sys/fs/cgroup/unified".to_string(),
+                    "memory.max",
+                    "memory.events",
+                ),
+                ("/sys/fs/cgroup".to_string(), "memory.max", "memory.events"),
+            ]);
         let mut found = None;
-        for (base, file) in [
-            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes"),
-            ("/sys/fs/cgroup/unified", "memory.max"),
-            ("/sys/fs/cgroup", "memory.max"),
-        ] {
-            let dir = std::path::Path::new(base).join(&name);
+        for (base, limit_file, events) in candidates {
+            let dir = std::path::Path::new(&base).join(&name);
             if std::fs::create_dir(&dir).is_ok() {
-                if dir.join(file).exists() {
-                    found = Some((dir, file));
+                if dir.join(limit_file).exists() && dir.join(events).exists() {
+                    found = Some((dir, limit_file, events));
                     break;
                 }
                 let _ = std::fs::remove_dir(&dir);
             }
         }
-        let (dir, limit_file) = found.expect("no memory cgroup hierarchy to make a test cgroup in");
-        std::fs::write(dir.join(limit_file), limit).expect("set the memory limit");
+        let (dir, limit_file, events) =
+            found.expect("no memory cgroup hierarchy to make a test cgroup in");
+        let cg = MemoryCgroup { dir, events };
+        std::fs::write(cg.dir.join(limit_file), limit).expect("set the memory limit");
         // No swap to escape to: the kernel must kill.
-        let _ = std::fs::write(dir.join("memory.swappiness"), "0");
-        let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), limit);
-        let _ = std::fs::write(dir.join("memory.swap.max"), "0");
+        let _ = std::fs::write(cg.dir.join("memory.swappiness"), "0");
+        let _ = std::fs::write(cg.dir.join("memory.memsw.limit_in_bytes"), limit);
+        let _ = std::fs::write(cg.dir.join("memory.swap.max"), "0");
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(
-            dir.join("cgroup.procs"),
+            cg.dir.join("cgroup.procs"),
             std::fs::Permissions::from_mode(0o666),
         )
         .expect("open cgroup.procs to the job's user");
-        MemoryCgroup { dir }
+        cg
+    }
+
+    /// The OOM kills inside this cgroup so far.
+    fn oom_kills(&self) -> u64 {
+        let text = std::fs::read_to_string(self.dir.join(self.events)).expect("read OOM events");
+        text.lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no oom_kill line in {}: {text}", self.events))
     }
 }
 
@@ -304,15 +345,26 @@ impl Drop for MemoryCgroup {
 
 /// A real OOM kill: the task's TaskProlog moves the task into a 128 MB
 /// memory cgroup, and the payload inside the image doubles a shell string
-/// until the kernel kills it.
+/// until the kernel kills it. The payload first checks that it is in that
+/// cgroup (exit 3 if not) and stops doubling at 335 MB, so a task that
+/// escaped the limit can never drive the whole machine out of memory.
 fn an_oom_kill_is_named_in_the_report() {
     let cg = MemoryCgroup::new("134217728");
     let procs = cg.dir.join("cgroup.procs");
     let c = cluster(
         Options::default().task_prolog(&format!("echo $SLURM_TASK_PID > {}", procs.display())),
     );
-    let r = on_n1(&c, "x=0123456789; while :; do x=$x$x; done");
+    let r = on_n1(
+        &c,
+        "case $(cat /proc/self/cgroup) in *mlc-oom-test-*) ;; *) echo not in the test cgroup >&2; exit 3;; esac; \
+         x=0123456789; i=0; while [ $i -lt 25 ]; do x=$x$x; i=$((i+1)); done",
+    );
     r.assert_failed();
+    assert_ne!(r.code, Some(3), "the task escaped the memory cgroup: {r}");
+    assert!(
+        cg.oom_kills() >= 1,
+        "no OOM kill inside the test cgroup: {r}"
+    );
     let rep = report(&c, 1, "n1", Duration::from_secs(2)).expect("report of the OOM-killed step");
     assert_eq!(rep["tasks"][0]["signal"], 9, "{rep}");
     assert!(
