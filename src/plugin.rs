@@ -789,6 +789,9 @@ fn build_report(
             .map(|port| probe::probe_master(a, port, timeout)),
         _ => None,
     };
+    // Read at the end only: the step's cgroup is made for the step, so its
+    // counter started at zero (and slurmstepd may join it after spank_init).
+    let step_oom = probe::step_oom_kills(host.job_id().unwrap_or(0), host.step_id().unwrap_or(0));
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let (memory_total_kb, memory_available_kb) = probe::memory_kb(&meminfo);
     let (uid, _) = host.job_ids().unwrap_or((u32::MAX, u32::MAX));
@@ -821,6 +824,8 @@ fn build_report(
                 (Some(a), Some(b)) => Some(b.saturating_sub(a)),
                 _ => None,
             },
+            step_memory_cgroup: step_oom.as_ref().map(|(cg, _)| cg.dir.clone()),
+            oom_kills_in_step_cgroup: step_oom.map(|(_, n)| n),
             listening_ports: probe::read_listening_ports(),
             gpus: probe::gpus(timeout),
             master,

@@ -7,7 +7,7 @@
 use std::fs;
 use std::io::Read;
 use std::net::{TcpStream, ToSocketAddrs};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,12 +25,88 @@ pub fn memory_kb(meminfo: &str) -> (Option<u64>, Option<u64>) {
     (field("MemTotal"), field("MemAvailable"))
 }
 
-/// The kernel's OOM-kill counter (/proc/vmstat `oom_kill`, Linux >= 4.13).
-pub fn oom_kills() -> Option<u64> {
-    let text = fs::read_to_string("/proc/vmstat").ok()?;
+/// The `oom_kill N` line of /proc/vmstat, memory.oom_control (cgroup v1)
+/// or memory.events (cgroup v2): all three name the counter alike.
+pub fn oom_kill_count(text: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix("oom_kill "))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// The kernel's OOM-kill counter for the whole node (/proc/vmstat
+/// `oom_kill`, Linux >= 4.13).
+pub fn oom_kills() -> Option<u64> {
+    oom_kill_count(&fs::read_to_string("/proc/vmstat").ok()?)
+}
+
+/// The memory cgroup of one Slurm step on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepMemoryCgroup {
+    /// Its directory, e.g. /sys/fs/cgroup/memory/slurm/uid_1000/job_7/step_0.
+    pub dir: PathBuf,
+    /// The file whose `oom_kill` line counts the OOM kills in the cgroup
+    /// and below it (the kernel counts a kill in every ancestor too).
+    pub events: &'static str,
+}
+
+/// The memory cgroup of step `job`.`step`, from slurmstepd's
+/// /proc/self/cgroup text. task/cgroup attaches slurmstepd to the step's
+/// memory cgroup (v1: `.../job_J/step_S`; v2: `.../job_J/step_S/slurm`, the
+/// tasks beside it in `.../step_S/user/task_N`), so the step's cgroup is the
+/// ancestor named `job_J/step_S`. The v1 `memory` line wins over the v2
+/// line (`0::`), which on a hybrid host carries no memory controller.
+/// None without a cgroup plugin: then there is no cgroup of the step's own.
+pub fn step_memory_cgroup(
+    proc_cgroup: &str,
+    v2_mount: &Path,
+    job: u32,
+    step: u32,
+) -> Option<StepMemoryCgroup> {
+    let mut v1 = None;
+    let mut v2 = None;
+    for line in proc_cgroup.lines() {
+        let mut f = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        if controllers.split(',').any(|c| c == "memory") {
+            v1 = Some(path);
+        } else if id == "0" && controllers.is_empty() {
+            v2 = Some(path);
+        }
+    }
+    let (base, events, path) = match (v1, v2) {
+        (Some(p), _) => (Path::new("/sys/fs/cgroup/memory"), "memory.oom_control", p),
+        (None, Some(p)) => (v2_mount, "memory.events", p),
+        (None, None) => return None,
+    };
+    let (job, step) = (format!("job_{job}"), format!("step_{step}"));
+    let parts: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+    let at = parts
+        .windows(2)
+        .rposition(|w| w[0] == job && w[1] == step)?;
+    Some(StepMemoryCgroup {
+        dir: parts[..at + 2]
+            .iter()
+            .fold(base.to_path_buf(), |d, c| d.join(c)),
+        events,
+    })
+}
+
+/// [`step_memory_cgroup`] for this process, and the OOM kills counted in
+/// that cgroup so far (the cgroup is made for the step, so: in the step).
+pub fn step_oom_kills(job: u32, step: u32) -> Option<(StepMemoryCgroup, u64)> {
+    let text = fs::read_to_string("/proc/self/cgroup").ok()?;
+    // cgroup v2 alone is mounted on /sys/fs/cgroup; beside v1 (hybrid) on
+    // /sys/fs/cgroup/unified.
+    let v2_mount = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        Path::new("/sys/fs/cgroup")
+    } else {
+        Path::new("/sys/fs/cgroup/unified")
+    };
+    let cg = step_memory_cgroup(&text, v2_mount, job, step)?;
+    let kills = oom_kill_count(&fs::read_to_string(cg.dir.join(cg.events)).ok()?)?;
+    Some((cg, kills))
 }
 
 /// TCP ports in LISTEN state from /proc/net/tcp{,6} text (state 0A).
@@ -197,6 +273,51 @@ mod tests {
             run_with_timeout(Path::new("/bin/false"), &[], Duration::from_secs(5)),
             CommandProbe::Failed(_)
         ));
+    }
+
+    #[test]
+    fn oom_kill_lines() {
+        assert_eq!(
+            oom_kill_count("oom_kill_disable 0\nunder_oom 0\noom_kill 3\n"),
+            Some(3)
+        );
+        assert_eq!(
+            oom_kill_count("low 0\nhigh 0\nmax 9\noom 2\noom_kill 1\n"),
+            Some(1)
+        );
+        assert_eq!(oom_kill_count("pgfault 12\n"), None);
+    }
+
+    #[test]
+    fn the_step_cgroup_is_found_in_slurms_layouts() {
+        let v2 = Path::new("/sys/fs/cgroup");
+        // cgroup v1 (task/cgroup): slurmstepd sits in the step's cgroup.
+        let v1 = "12:pids:/\n4:memory:/slurm/uid_1500/job_7/step_0\n0::/\n";
+        assert_eq!(
+            step_memory_cgroup(v1, v2, 7, 0),
+            Some(StepMemoryCgroup {
+                dir: "/sys/fs/cgroup/memory/slurm/uid_1500/job_7/step_0".into(),
+                events: "memory.oom_control",
+            })
+        );
+        // cgroup v2: slurmstepd in step_S/slurm, the tasks in step_S/user.
+        let unified = "0::/system.slice/node1_slurmstepd.scope/job_7/step_0/slurm\n";
+        assert_eq!(
+            step_memory_cgroup(unified, v2, 7, 0),
+            Some(StepMemoryCgroup {
+                dir: "/sys/fs/cgroup/system.slice/node1_slurmstepd.scope/job_7/step_0".into(),
+                events: "memory.events",
+            })
+        );
+        // Another step's or job's cgroup, and no cgroup plugin: none.
+        assert_eq!(step_memory_cgroup(unified, v2, 7, 1), None);
+        assert_eq!(step_memory_cgroup(unified, v2, 17, 0), None);
+        assert_eq!(
+            step_memory_cgroup("4:memory:/system.slice/slurmd.service\n0::/\n", v2, 7, 0),
+            None
+        );
+        assert_eq!(step_memory_cgroup("", v2, 7, 0), None);
+        assert_eq!(step_memory_cgroup("garbage\n4:memory\n", v2, 7, 0), None);
     }
 
     #[test]

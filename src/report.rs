@@ -93,6 +93,13 @@ pub struct NodeState {
     pub memory_available_kb: Option<u64>,
     /// OOM kills on this node while the step ran (/proc/vmstat oom_kill).
     pub oom_kills_during_step: Option<u64>,
+    /// The step's own memory cgroup on this node, where Slurm's task/cgroup
+    /// made one, and the OOM kills in it: exact, unlike the node's count.
+    /// (Absent from reports written before these fields existed.)
+    #[serde(default)]
+    pub step_memory_cgroup: Option<PathBuf>,
+    #[serde(default)]
+    pub oom_kills_in_step_cgroup: Option<u64>,
     pub listening_ports: Vec<u16>,
     pub gpus: CommandProbe,
     pub master: Option<MasterProbe>,
@@ -143,11 +150,34 @@ impl Report {
                 self.recommendations.push(r);
             }
         };
-        // The counter is the node's: another job's OOM kill counts too, so
-        // a SIGKILL during one is most likely, not surely, this step's.
-        let oom = self.node_state.oom_kills_during_step.filter(|n| *n > 0);
+        // The step's memory cgroup counts only this step's OOM kills: a
+        // SIGKILL with one there is the OOM killer's, without one it came
+        // from outside. Without such a cgroup the node's counter is all
+        // there is, and another job's kill counts too: a SIGKILL during one
+        // is then most likely, not surely, this step's.
+        let ns = &self.node_state;
+        let step_oom = ns
+            .oom_kills_in_step_cgroup
+            .filter(|n| *n > 0)
+            .zip(ns.step_memory_cgroup.as_ref())
+            .map(|(n, cg)| (n, cg.display().to_string()));
+        let oom = match ns.oom_kills_in_step_cgroup {
+            Some(_) => None,
+            None => ns.oom_kills_during_step.filter(|n| *n > 0),
+        };
         for t in self.tasks.iter().filter(|t| t.failed()) {
             match (t.exit_code, t.signal) {
+                (_, Some(libc::SIGKILL)) if step_oom.is_some() => {
+                    let (n, cgroup) = step_oom.clone().unwrap_or_default();
+                    issue(
+                        format!(
+                            "rank {} was killed by the kernel's OOM killer: the step ran out of \
+                             memory ({n} kill(s) in its memory cgroup {cgroup})",
+                            t.rank
+                        ),
+                        "request more memory (--mem / --mem-per-gpu) or reduce the batch size".into(),
+                    )
+                }
                 (_, Some(libc::SIGKILL)) if oom.is_some() => issue(
                     format!(
                         "rank {} was killed by SIGKILL while the kernel's OOM killer ran on this node \
@@ -362,6 +392,15 @@ pub fn render(r: &Report) -> String {
     if let Some(n) = r.node_state.oom_kills_during_step {
         s.push_str(&format!("  OOM kills on the node during the step: {n}\n"));
     }
+    if let (Some(n), Some(cg)) = (
+        r.node_state.oom_kills_in_step_cgroup,
+        &r.node_state.step_memory_cgroup,
+    ) {
+        s.push_str(&format!(
+            "  OOM kills in the step's memory cgroup {}: {n}\n",
+            cg.display()
+        ));
+    }
     for i in &r.issues_found {
         s.push_str(&format!("  issue: {i}\n"));
     }
@@ -404,6 +443,8 @@ mod tests {
                 memory_total_kb: None,
                 memory_available_kb: None,
                 oom_kills_during_step: Some(0),
+                step_memory_cgroup: None,
+                oom_kills_in_step_cgroup: None,
                 listening_ports: vec![],
                 gpus: CommandProbe::Absent,
                 master: None,
@@ -443,6 +484,31 @@ mod tests {
             r.issues_found
         );
         assert!(r.recommendations[0].contains("--mem"));
+        // The step's own cgroup counted the kill: no "most likely".
+        let mut r = report(vec![TaskOutcome::from_wait_status(2, 0, libc::SIGKILL)]);
+        r.node_state.oom_kills_during_step = Some(3);
+        r.node_state.step_memory_cgroup = Some("/sys/fs/cgroup/job_7/step_0".into());
+        r.node_state.oom_kills_in_step_cgroup = Some(1);
+        r.analyze(&Context::default());
+        assert_eq!(
+            r.issues_found,
+            [
+                "rank 2 was killed by the kernel's OOM killer: the step ran out of memory \
+              (1 kill(s) in its memory cgroup /sys/fs/cgroup/job_7/step_0)"
+            ]
+        );
+        assert!(r.recommendations[0].contains("--mem"));
+        // Its cgroup had none: another job's OOM kills on the node do not
+        // make this SIGKILL an OOM kill.
+        r.node_state.oom_kills_in_step_cgroup = Some(0);
+        r.issues_found.clear();
+        r.recommendations.clear();
+        r.analyze(&Context::default());
+        assert!(
+            r.issues_found[0].contains("from outside") && !r.issues_found[0].contains("OOM"),
+            "{:?}",
+            r.issues_found
+        );
         // No OOM kill on the node: a SIGKILL came from outside.
         let mut r = report(vec![TaskOutcome::from_wait_status(2, 0, libc::SIGKILL)]);
         r.node_state.oom_kills_during_step = Some(0);

@@ -255,17 +255,19 @@ fn a_hung_probe_costs_at_most_its_timeout() {
     assert_eq!(left.stdout.trim(), "0", "the hung probe was left running");
 }
 
-/// A memory cgroup of the host's (the cluster's /sys is the host's), with
-/// a limit, that the job's user may move its own tasks into; removed on drop.
+/// A memory cgroup of the host's (the cluster's /sys is the host's) with a
+/// limit, at `leaf` below a directory of the test's own; all removed on drop.
 struct MemoryCgroup {
-    dir: std::path::PathBuf,
+    /// The directories made, outermost first; the last one has the limit.
+    made: Vec<std::path::PathBuf>,
     /// The file whose `oom_kill N` line counts this cgroup's OOM kills.
     events: &'static str,
 }
 
 impl MemoryCgroup {
-    fn new(limit: &str) -> MemoryCgroup {
-        let name = format!("mlc-oom-test-{}", std::process::id());
+    fn new(tag: &str, leaf: &[&str], limit: &str) -> MemoryCgroup {
+        use std::path::{Path, PathBuf};
+        let name = format!("mlc-oom-test-{}-{tag}", std::process::id());
         // Under cgroup v1, inside the test process's own memory cgroup when
         // it can be (so whatever confines this test run also confines the
         // test's task), else at the hierarchy's root; under cgroup v2 at
@@ -288,48 +290,58 @@ impl MemoryCgroup {
             .map(|base| (base, "memory.limit_in_bytes", "memory.oom_control"))
             .chain([
                 (
-                    "/sys/fs/cgroup/memory".to_string(),
+                    "/sys/fs/cgroup/memory".into(),
                     "memory.limit_in_bytes",
                     "memory.oom_control",
                 ),
                 (
-                    "/sys/fs/cgroup/unified".to_string(),
+                    "/sys/fs/cgroup/unified".into(),
                     "memory.max",
                     "memory.events",
                 ),
-                ("/sys/fs/cgroup".to_string(), "memory.max", "memory.events"),
+                ("/sys/fs/cgroup".into(), "memory.max", "memory.events"),
             ]);
         let mut found = None;
         for (base, limit_file, events) in candidates {
-            let dir = std::path::Path::new(&base).join(&name);
-            if std::fs::create_dir(&dir).is_ok() {
-                if dir.join(limit_file).exists() && dir.join(events).exists() {
-                    found = Some((dir, limit_file, events));
+            let top = Path::new(&base).join(&name);
+            if std::fs::create_dir(&top).is_ok() {
+                if top.join(limit_file).exists() && top.join(events).exists() {
+                    found = Some((top, limit_file, events));
                     break;
                 }
-                let _ = std::fs::remove_dir(&dir);
+                let _ = std::fs::remove_dir(&top);
             }
         }
-        let (dir, limit_file, events) =
+        let (top, limit_file, events) =
             found.expect("no memory cgroup hierarchy to make a test cgroup in");
-        let cg = MemoryCgroup { dir, events };
-        std::fs::write(cg.dir.join(limit_file), limit).expect("set the memory limit");
+        let mut cg = MemoryCgroup {
+            made: vec![top.clone()],
+            events,
+        };
+        let mut dir: PathBuf = top;
+        for part in leaf {
+            // cgroup v2 hands the memory controller down level by level.
+            let _ = std::fs::write(dir.join("cgroup.subtree_control"), "+memory");
+            dir = dir.join(part);
+            std::fs::create_dir(&dir).expect("make a nested test cgroup");
+            cg.made.push(dir.clone());
+        }
+        std::fs::write(dir.join(limit_file), limit).expect("set the memory limit");
         // No swap to escape to: the kernel must kill.
-        let _ = std::fs::write(cg.dir.join("memory.swappiness"), "0");
-        let _ = std::fs::write(cg.dir.join("memory.memsw.limit_in_bytes"), limit);
-        let _ = std::fs::write(cg.dir.join("memory.swap.max"), "0");
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(
-            cg.dir.join("cgroup.procs"),
-            std::fs::Permissions::from_mode(0o666),
-        )
-        .expect("open cgroup.procs to the job's user");
+        let _ = std::fs::write(dir.join("memory.swappiness"), "0");
+        let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), limit);
+        let _ = std::fs::write(dir.join("memory.swap.max"), "0");
         cg
+    }
+
+    /// The cgroup with the limit.
+    fn dir(&self) -> &std::path::Path {
+        self.made.last().expect("at least the top directory")
     }
 
     /// The OOM kills inside this cgroup so far.
     fn oom_kills(&self) -> u64 {
-        let text = std::fs::read_to_string(self.dir.join(self.events)).expect("read OOM events");
+        let text = std::fs::read_to_string(self.dir().join(self.events)).expect("read OOM events");
         text.lines()
             .find_map(|l| l.strip_prefix("oom_kill "))
             .and_then(|n| n.trim().parse().ok())
@@ -339,33 +351,33 @@ impl MemoryCgroup {
 
 impl Drop for MemoryCgroup {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.dir);
+        // The cluster is gone by now, but its last processes may still be
+        // leaving the cgroup (rmdir says EBUSY until they have).
+        for dir in self.made.iter().rev() {
+            let _ = wait_for(Duration::from_secs(5), || std::fs::remove_dir(dir).ok());
+        }
     }
 }
 
-/// A real OOM kill: the task's TaskProlog moves the task into a 128 MB
-/// memory cgroup, and the payload inside the image doubles a shell string
-/// until the kernel kills it. The payload first checks that it is in that
-/// cgroup (exit 3 if not) and stops doubling at 335 MB, so a task that
-/// escaped the limit can never drive the whole machine out of memory.
-fn an_oom_kill_is_named_in_the_report() {
-    let cg = MemoryCgroup::new("134217728");
-    let procs = cg.dir.join("cgroup.procs");
-    let c = cluster(
-        Options::default().task_prolog(&format!("echo $SLURM_TASK_PID > {}", procs.display())),
-    );
-    let r = on_n1(
-        &c,
-        "case $(cat /proc/self/cgroup) in *mlc-oom-test-*) ;; *) echo not in the test cgroup >&2; exit 3;; esac; \
-         x=0123456789; i=0; while [ $i -lt 25 ]; do x=$x$x; i=$((i+1)); done",
-    );
+/// `sh -c` payload: check that the task runs inside a test memory cgroup
+/// (exit 3 if not), then double a string until the kernel kills it. The
+/// doubling stops at 335 MB, so a task that escaped the limit can never
+/// drive the whole machine out of memory.
+const OOM_PAYLOAD: &str = "case $(cat /proc/self/cgroup) in *mlc-oom-test-*) ;; \
+     *) echo not in the test cgroup >&2; exit 3;; esac; \
+     x=0123456789; i=0; while [ $i -lt 25 ]; do x=$x$x; i=$((i+1)); done";
+
+/// Runs the OOM payload as job 1 on n1 and returns its report, after
+/// checking that the kill happened in `cg`.
+fn oom_killed_step_report(c: &Cluster, cg: &MemoryCgroup) -> Value {
+    let r = on_n1(c, OOM_PAYLOAD);
     r.assert_failed();
     assert_ne!(r.code, Some(3), "the task escaped the memory cgroup: {r}");
     assert!(
         cg.oom_kills() >= 1,
         "no OOM kill inside the test cgroup: {r}"
     );
-    let rep = report(&c, 1, "n1", Duration::from_secs(2)).expect("report of the OOM-killed step");
+    let rep = report(c, 1, "n1", Duration::from_secs(2)).expect("report of the OOM-killed step");
     assert_eq!(rep["tasks"][0]["signal"], 9, "{rep}");
     assert!(
         rep["node_state"]["oom_kills_during_step"]
@@ -373,10 +385,72 @@ fn an_oom_kill_is_named_in_the_report() {
             .is_some_and(|n| n >= 1),
         "{rep}"
     );
+    rep
+}
+
+/// Real OOM kills in a 128 MB memory cgroup, twice. Without a cgroup
+/// plugin (these clusters' setup) the step has no cgroup of its own: a
+/// TaskProlog moves the task into the test cgroup, and the report can only
+/// go by the node's OOM counter. With Slurm's task/cgroup layout
+/// (slurmstepd inside `.../job_J/step_S`, the tasks below it), imitated by
+/// putting n1's slurmd into `<test>/job_1/step_0` so that the step's
+/// slurmstepd and task start there, the report reads that cgroup's own
+/// counter and names it.
+fn an_oom_kill_is_named_in_the_report() {
+    let limit = "134217728";
+    {
+        let cg = MemoryCgroup::new("prolog", &[], limit);
+        use std::os::unix::fs::PermissionsExt;
+        let procs = cg.dir().join("cgroup.procs");
+        std::fs::set_permissions(&procs, std::fs::Permissions::from_mode(0o666))
+            .expect("open cgroup.procs to the job's user");
+        let c = cluster(
+            Options::default().task_prolog(&format!("echo $SLURM_TASK_PID > {}", procs.display())),
+        );
+        let rep = oom_killed_step_report(&c, &cg);
+        assert_eq!(
+            rep["node_state"]["step_memory_cgroup"],
+            Value::Null,
+            "{rep}"
+        );
+        assert!(
+            rep["issues_found"]
+                .to_string()
+                .contains("rank 0 was killed by SIGKILL while the kernel's OOM killer ran"),
+            "{rep}"
+        );
+    }
+
+    let cg = MemoryCgroup::new("step", &["job_1", "step_0"], limit);
+    let c = cluster(Options::default());
+    c.run_root(
+        1,
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "cat /run/slurmd-n1.pid > {}/cgroup.procs",
+                cg.dir().display()
+            ),
+        ],
+    )
+    .assert_ok();
+    let rep = oom_killed_step_report(&c, &cg);
+    assert_eq!(
+        rep["node_state"]["step_memory_cgroup"],
+        cg.dir().display().to_string(),
+        "{rep}"
+    );
+    assert!(
+        rep["node_state"]["oom_kills_in_step_cgroup"]
+            .as_u64()
+            .is_some_and(|n| n >= 1),
+        "{rep}"
+    );
     assert!(
         rep["issues_found"]
             .to_string()
-            .contains("rank 0 was killed by SIGKILL while the kernel's OOM killer ran"),
+            .contains("rank 0 was killed by the kernel's OOM killer: the step ran out of memory"),
         "{rep}"
     );
 }
