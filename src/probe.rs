@@ -291,24 +291,27 @@ mod tests {
     #[test]
     fn the_step_cgroup_is_found_in_slurms_layouts() {
         let v2 = Path::new("/sys/fs/cgroup");
-        // cgroup v1 (task/cgroup): slurmstepd sits in the step's cgroup.
-        let v1 = "12:pids:/\n4:memory:/slurm/uid_1500/job_7/step_0\n0::/\n";
-        assert_eq!(
-            step_memory_cgroup(v1, v2, 7, 0),
-            Some(StepMemoryCgroup {
-                dir: "/sys/fs/cgroup/memory/slurm/uid_1500/job_7/step_0".into(),
-                events: "memory.oom_control",
-            })
-        );
-        // cgroup v2: slurmstepd in step_S/slurm, the tasks in step_S/user.
         let unified = "0::/system.slice/node1_slurmstepd.scope/job_7/step_0/slurm\n";
-        assert_eq!(
-            step_memory_cgroup(unified, v2, 7, 0),
-            Some(StepMemoryCgroup {
-                dir: "/sys/fs/cgroup/system.slice/node1_slurmstepd.scope/job_7/step_0".into(),
-                events: "memory.events",
-            })
-        );
+        for (text, dir, events) in [
+            // cgroup v1 (task/cgroup): slurmstepd sits in the step's cgroup.
+            (
+                "12:pids:/\n4:memory:/slurm/uid_1500/job_7/step_0\n0::/\n",
+                "/sys/fs/cgroup/memory/slurm/uid_1500/job_7/step_0",
+                "memory.oom_control",
+            ),
+            // cgroup v2: slurmstepd in step_S/slurm, the tasks in step_S/user.
+            (
+                unified,
+                "/sys/fs/cgroup/system.slice/node1_slurmstepd.scope/job_7/step_0",
+                "memory.events",
+            ),
+        ] {
+            let want = StepMemoryCgroup {
+                dir: dir.into(),
+                events,
+            };
+            assert_eq!(step_memory_cgroup(text, v2, 7, 0), Some(want), "{text}");
+        }
         // Another step's or job's cgroup, and no cgroup plugin: none.
         assert_eq!(step_memory_cgroup(unified, v2, 7, 1), None);
         assert_eq!(step_memory_cgroup(unified, v2, 17, 0), None);
