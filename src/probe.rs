@@ -44,8 +44,12 @@ pub fn oom_kills() -> Option<u64> {
 pub struct StepMemoryCgroup {
     /// Its directory, e.g. /sys/fs/cgroup/memory/slurm/uid_1000/job_7/step_0.
     pub dir: PathBuf,
-    /// The file whose `oom_kill` line counts the OOM kills in the cgroup
-    /// and below it (the kernel counts a kill in every ancestor too).
+    /// The file whose `oom_kill` line counts the OOM kills in one cgroup,
+    /// not below it: cgroup v1 counts a kill only in the killed task's
+    /// cgroup (Slurm's task_N, below the step's), v2's memory.events.local
+    /// likewise (its memory.events is hierarchical, unless mounted with
+    /// memory_localevents: Documentation/admin-guide/cgroup-v2.rst). So the
+    /// step's kills are the sum over its cgroup and every cgroup below it.
     pub events: &'static str,
 }
 
@@ -77,7 +81,7 @@ pub fn step_memory_cgroup(
     }
     let (base, events, path) = match (v1, v2) {
         (Some(p), _) => (Path::new("/sys/fs/cgroup/memory"), "memory.oom_control", p),
-        (None, Some(p)) => (v2_mount, "memory.events", p),
+        (None, Some(p)) => (v2_mount, "memory.events.local", p),
         (None, None) => return None,
     };
     let (job, step) = (format!("job_{job}"), format!("step_{step}"));
@@ -93,8 +97,29 @@ pub fn step_memory_cgroup(
     })
 }
 
+/// The OOM kills counted in `cg` and every cgroup below it (at most 4096
+/// cgroups, 8 levels deep: Slurm's step holds one per task). None when the
+/// step's own cgroup cannot be read.
+pub fn cgroup_tree_oom_kills(cg: &StepMemoryCgroup) -> Option<u64> {
+    fn walk(dir: &Path, events: &str, depth: u32, budget: &mut u32) -> Option<u64> {
+        *budget = budget.checked_sub(1)?;
+        let mut sum = oom_kill_count(&fs::read_to_string(dir.join(events)).ok()?)?;
+        if depth < 8 {
+            for entry in fs::read_dir(dir).ok()?.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    // A task cgroup removed meanwhile counts as none.
+                    sum += walk(&entry.path(), events, depth + 1, budget).unwrap_or(0);
+                }
+            }
+        }
+        Some(sum)
+    }
+    walk(&cg.dir, cg.events, 0, &mut 4096)
+}
+
 /// [`step_memory_cgroup`] for this process, and the OOM kills counted in
-/// that cgroup so far (the cgroup is made for the step, so: in the step).
+/// that cgroup's tree so far (the cgroup is made for the step, so: in the
+/// step).
 pub fn step_oom_kills(job: u32, step: u32) -> Option<(StepMemoryCgroup, u64)> {
     let text = fs::read_to_string("/proc/self/cgroup").ok()?;
     // cgroup v2 alone is mounted on /sys/fs/cgroup; beside v1 (hybrid) on
@@ -105,7 +130,7 @@ pub fn step_oom_kills(job: u32, step: u32) -> Option<(StepMemoryCgroup, u64)> {
         Path::new("/sys/fs/cgroup/unified")
     };
     let cg = step_memory_cgroup(&text, v2_mount, job, step)?;
-    let kills = oom_kill_count(&fs::read_to_string(cg.dir.join(cg.events)).ok()?)?;
+    let kills = cgroup_tree_oom_kills(&cg)?;
     Some((cg, kills))
 }
 
@@ -303,7 +328,7 @@ mod tests {
             (
                 unified,
                 "/sys/fs/cgroup/system.slice/node1_slurmstepd.scope/job_7/step_0",
-                "memory.events",
+                "memory.events.local",
             ),
         ] {
             let want = StepMemoryCgroup {
@@ -321,6 +346,35 @@ mod tests {
         );
         assert_eq!(step_memory_cgroup("", v2, 7, 0), None);
         assert_eq!(step_memory_cgroup("garbage\n4:memory\n", v2, 7, 0), None);
+    }
+
+    #[test]
+    fn oom_kills_are_summed_over_the_steps_tree() {
+        let root = std::env::temp_dir().join(format!("mlc-cgtree-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let step = root.join("job_7/step_0");
+        for (dir, kills) in [("", 0), ("task_0", 2), ("task_1", 0), ("user/task_2", 1)] {
+            let d = step.join(dir);
+            fs::create_dir_all(&d).unwrap();
+            fs::write(
+                d.join("memory.oom_control"),
+                format!("under_oom 0\noom_kill {kills}\n"),
+            )
+            .unwrap();
+        }
+        // "user" has no such file (not a memory cgroup): its tree is skipped,
+        // the rest still counts.
+        let cg = StepMemoryCgroup {
+            dir: step.clone(),
+            events: "memory.oom_control",
+        };
+        assert_eq!(cgroup_tree_oom_kills(&cg), Some(2));
+        fs::write(step.join("user/memory.oom_control"), "oom_kill 0\n").unwrap();
+        assert_eq!(cgroup_tree_oom_kills(&cg), Some(3));
+        // The step's own file unreadable: unknown, not zero.
+        fs::remove_file(step.join("memory.oom_control")).unwrap();
+        assert_eq!(cgroup_tree_oom_kills(&cg), None);
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -120,6 +120,10 @@ if [[ -d $STAGE ]]; then
         sed -i "s|^NodeName=.*|& Gres=$(cat "$R/etc/slurm/node-gres")|" "$R/etc/slurm/slurm.conf"
         echo "GresTypes=gpu" >>"$R/etc/slurm/slurm.conf"
     fi
+    # etc/slurm/node-extra (e.g. "RealMemory=2000") is added to every node's line.
+    if [[ -f $R/etc/slurm/node-extra ]]; then
+        sed -i "s|^NodeName=.*|& $(cat "$R/etc/slurm/node-extra")|" "$R/etc/slurm/slurm.conf"
+    fi
     if [[ -f $R/etc/slurm/slurm.conf.extra ]]; then
         cat "$R/etc/slurm/slurm.conf.extra" >>"$R/etc/slurm/slurm.conf"
     fi

@@ -16,6 +16,7 @@ crate::on_slurm_24_11!(
     a_planted_symlink_is_not_followed,
     a_hung_probe_costs_at_most_its_timeout,
     an_oom_kill_is_named_in_the_report,
+    an_oom_kill_in_the_steps_own_cgroup_is_named_exactly,
 );
 
 const REPORTS: &str = "/var/log/slurm/debug";
@@ -256,18 +257,16 @@ fn a_hung_probe_costs_at_most_its_timeout() {
 }
 
 /// A memory cgroup of the host's (the cluster's /sys is the host's) with a
-/// limit, at `leaf` below a directory of the test's own; all removed on drop.
+/// limit, that the job's user may move its own tasks into; removed on drop.
 struct MemoryCgroup {
-    /// The directories made, outermost first; the last one has the limit.
-    made: Vec<std::path::PathBuf>,
+    dir: std::path::PathBuf,
     /// The file whose `oom_kill N` line counts this cgroup's OOM kills.
     events: &'static str,
 }
 
 impl MemoryCgroup {
-    fn new(tag: &str, leaf: &[&str], limit: &str) -> MemoryCgroup {
-        use std::path::{Path, PathBuf};
-        let name = format!("mlc-oom-test-{}-{tag}", std::process::id());
+    fn new(limit: &str) -> MemoryCgroup {
+        let name = format!("mlc-oom-test-{}", std::process::id());
         // Under cgroup v1, inside the test process's own memory cgroup when
         // it can be (so whatever confines this test run also confines the
         // test's task), else at the hierarchy's root; under cgroup v2 at
@@ -303,45 +302,35 @@ impl MemoryCgroup {
             ]);
         let mut found = None;
         for (base, limit_file, events) in candidates {
-            let top = Path::new(&base).join(&name);
-            if std::fs::create_dir(&top).is_ok() {
-                if top.join(limit_file).exists() && top.join(events).exists() {
-                    found = Some((top, limit_file, events));
+            let dir = std::path::Path::new(&base).join(&name);
+            if std::fs::create_dir(&dir).is_ok() {
+                if dir.join(limit_file).exists() && dir.join(events).exists() {
+                    found = Some((dir, limit_file, events));
                     break;
                 }
-                let _ = std::fs::remove_dir(&top);
+                let _ = std::fs::remove_dir(&dir);
             }
         }
-        let (top, limit_file, events) =
+        let (dir, limit_file, events) =
             found.expect("no memory cgroup hierarchy to make a test cgroup in");
-        let mut cg = MemoryCgroup {
-            made: vec![top.clone()],
-            events,
-        };
-        let mut dir: PathBuf = top;
-        for part in leaf {
-            // cgroup v2 hands the memory controller down level by level.
-            let _ = std::fs::write(dir.join("cgroup.subtree_control"), "+memory");
-            dir = dir.join(part);
-            std::fs::create_dir(&dir).expect("make a nested test cgroup");
-            cg.made.push(dir.clone());
-        }
-        std::fs::write(dir.join(limit_file), limit).expect("set the memory limit");
+        let cg = MemoryCgroup { dir, events };
+        std::fs::write(cg.dir.join(limit_file), limit).expect("set the memory limit");
         // No swap to escape to: the kernel must kill.
-        let _ = std::fs::write(dir.join("memory.swappiness"), "0");
-        let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), limit);
-        let _ = std::fs::write(dir.join("memory.swap.max"), "0");
+        let _ = std::fs::write(cg.dir.join("memory.swappiness"), "0");
+        let _ = std::fs::write(cg.dir.join("memory.memsw.limit_in_bytes"), limit);
+        let _ = std::fs::write(cg.dir.join("memory.swap.max"), "0");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            cg.dir.join("cgroup.procs"),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .expect("open cgroup.procs to the job's user");
         cg
-    }
-
-    /// The cgroup with the limit.
-    fn dir(&self) -> &std::path::Path {
-        self.made.last().expect("at least the top directory")
     }
 
     /// The OOM kills inside this cgroup so far.
     fn oom_kills(&self) -> u64 {
-        let text = std::fs::read_to_string(self.dir().join(self.events)).expect("read OOM events");
+        let text = std::fs::read_to_string(self.dir.join(self.events)).expect("read OOM events");
         text.lines()
             .find_map(|l| l.strip_prefix("oom_kill "))
             .and_then(|n| n.trim().parse().ok())
@@ -353,30 +342,29 @@ impl Drop for MemoryCgroup {
     fn drop(&mut self) {
         // The cluster is gone by now, but its last processes may still be
         // leaving the cgroup (rmdir says EBUSY until they have).
-        for dir in self.made.iter().rev() {
-            let _ = wait_for(Duration::from_secs(5), || std::fs::remove_dir(dir).ok());
-        }
+        let _ = wait_for(Duration::from_secs(5), || {
+            std::fs::remove_dir(&self.dir).ok()
+        });
     }
 }
 
-/// `sh -c` payload: check that the task runs inside a test memory cgroup
-/// (exit 3 if not), then double a string until the kernel kills it. The
-/// doubling stops at 335 MB, so a task that escaped the limit can never
-/// drive the whole machine out of memory.
-const OOM_PAYLOAD: &str = "case $(cat /proc/self/cgroup) in *mlc-oom-test-*) ;; \
-     *) echo not in the test cgroup >&2; exit 3;; esac; \
-     x=0123456789; i=0; while [ $i -lt 25 ]; do x=$x$x; i=$((i+1)); done";
-
-/// Runs the OOM payload as job 1 on n1 and returns its report, after
-/// checking that the kill happened in `cg`.
-fn oom_killed_step_report(c: &Cluster, cg: &MemoryCgroup) -> Value {
-    let r = on_n1(c, OOM_PAYLOAD);
+/// Runs, as job 1 on n1 with `srun_args`, a task that first checks that
+/// /proc/self/cgroup matches the shell pattern `cgroup` (exit 3 if not),
+/// then doubles a string until the kernel kills it. The doubling stops at
+/// 335 MB, so a task that escaped its limit can never drive the whole
+/// machine out of memory. Returns the step's report on n1.
+fn oom_killed_step_report(c: &Cluster, srun_args: &[&str], cgroup: &str) -> (Run, Value) {
+    let payload = format!(
+        "case $(cat /proc/self/cgroup) in {cgroup}) ;; \
+         *) echo not in the expected memory cgroup >&2; cat /proc/self/cgroup >&2; exit 3;; esac; \
+         x=0123456789; i=0; while [ $i -lt 25 ]; do x=$x$x; i=$((i+1)); done"
+    );
+    let mut argv = vec!["-N1", "-w", "n1"];
+    argv.extend_from_slice(srun_args);
+    argv.extend_from_slice(&["--ml-container=demo", "/bin/sh", "-c", &payload]);
+    let r = c.srun(&argv);
     r.assert_failed();
     assert_ne!(r.code, Some(3), "the task escaped the memory cgroup: {r}");
-    assert!(
-        cg.oom_kills() >= 1,
-        "no OOM kill inside the test cgroup: {r}"
-    );
     let rep = report(c, 1, "n1", Duration::from_secs(2)).expect("report of the OOM-killed step");
     assert_eq!(rep["tasks"][0]["signal"], 9, "{rep}");
     assert!(
@@ -385,60 +373,105 @@ fn oom_killed_step_report(c: &Cluster, cg: &MemoryCgroup) -> Value {
             .is_some_and(|n| n >= 1),
         "{rep}"
     );
-    rep
+    (r, rep)
 }
 
-/// Real OOM kills in a 128 MB memory cgroup, twice. Without a cgroup
-/// plugin (these clusters' setup) the step has no cgroup of its own: a
-/// TaskProlog moves the task into the test cgroup, and the report can only
-/// go by the node's OOM counter. With Slurm's task/cgroup layout
-/// (slurmstepd inside `.../job_J/step_S`, the tasks below it), imitated by
-/// putting n1's slurmd into `<test>/job_1/step_0` so that the step's
-/// slurmstepd and task start there, the report reads that cgroup's own
-/// counter and names it.
+/// A real OOM kill without a cgroup plugin (these clusters' usual setup):
+/// the task's TaskProlog moves it into a 128 MB memory cgroup. The step has
+/// no cgroup of its own, so the report goes by the node's OOM counter.
 fn an_oom_kill_is_named_in_the_report() {
-    let limit = "134217728";
-    {
-        let cg = MemoryCgroup::new("prolog", &[], limit);
-        use std::os::unix::fs::PermissionsExt;
-        let procs = cg.dir().join("cgroup.procs");
-        std::fs::set_permissions(&procs, std::fs::Permissions::from_mode(0o666))
-            .expect("open cgroup.procs to the job's user");
-        let c = cluster(
-            Options::default().task_prolog(&format!("echo $SLURM_TASK_PID > {}", procs.display())),
-        );
-        let rep = oom_killed_step_report(&c, &cg);
-        assert_eq!(
-            rep["node_state"]["step_memory_cgroup"],
-            Value::Null,
-            "{rep}"
-        );
-        assert!(
-            rep["issues_found"]
-                .to_string()
-                .contains("rank 0 was killed by SIGKILL while the kernel's OOM killer ran"),
-            "{rep}"
-        );
-    }
-
-    let cg = MemoryCgroup::new("step", &["job_1", "step_0"], limit);
-    let c = cluster(Options::default());
-    c.run_root(
-        1,
-        &[
-            "sh",
-            "-c",
-            &format!(
-                "cat /run/slurmd-n1.pid > {}/cgroup.procs",
-                cg.dir().display()
-            ),
-        ],
-    )
-    .assert_ok();
-    let rep = oom_killed_step_report(&c, &cg);
+    let cg = MemoryCgroup::new("134217728");
+    let procs = cg.dir.join("cgroup.procs");
+    let c = cluster(
+        Options::default().task_prolog(&format!("echo $SLURM_TASK_PID > {}", procs.display())),
+    );
+    let (r, rep) = oom_killed_step_report(&c, &[], "*mlc-oom-test-*");
+    assert!(
+        cg.oom_kills() >= 1,
+        "no OOM kill inside the test cgroup: {r}"
+    );
     assert_eq!(
         rep["node_state"]["step_memory_cgroup"],
-        cg.dir().display().to_string(),
+        Value::Null,
+        "{rep}"
+    );
+    assert!(
+        rep["issues_found"]
+            .to_string()
+            .contains("rank 0 was killed by SIGKILL while the kernel's OOM killer ran"),
+        "{rep}"
+    );
+}
+
+/// Removes, on drop, the cgroup trees that Slurm's cgroup plugin leaves
+/// behind on the host for these nodes (`slurm_nX` in each v1 hierarchy,
+/// `nX_slurmstepd.scope` and `nX_slurmd.scope` under cgroup v2): Slurm
+/// removes a step's and a job's cgroups, never its own root.
+struct SlurmCgroupRoots(Vec<String>);
+
+impl Drop for SlurmCgroupRoots {
+    fn drop(&mut self) {
+        fn remove_tree(dir: &std::path::Path) {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for e in entries.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        remove_tree(&e.path());
+                    }
+                }
+            }
+            let _ = wait_for(Duration::from_secs(2), || std::fs::remove_dir(dir).ok());
+        }
+        let mut bases = vec![std::path::PathBuf::from("/sys/fs/cgroup/system.slice")];
+        if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+            bases.extend(hierarchies.flatten().map(|e| e.path()));
+        }
+        for base in bases {
+            for name in &self.0 {
+                let dir = base.join(name);
+                if dir.is_dir() {
+                    remove_tree(&dir);
+                }
+            }
+        }
+    }
+}
+
+/// A real OOM kill under Slurm's own task/cgroup (ConstrainRAMSpace,
+/// `--mem=128M`): Slurm puts slurmstepd and the task into the step's memory
+/// cgroup (`.../job_1/step_0`), and the report reads that cgroup's own
+/// OOM counter, names the cgroup and says the step ran out of memory
+/// without a "most likely".
+fn an_oom_kill_in_the_steps_own_cgroup_is_named_exactly() {
+    let _roots = SlurmCgroupRoots(
+        [
+            "slurm_n1",
+            "slurm_n2",
+            "n1_slurmstepd.scope",
+            "n2_slurmstepd.scope",
+            "n1_slurmd.scope",
+            "n2_slurmd.scope",
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    let c = cluster(
+        Options::default()
+            .file("/etc/slurm/node-extra", "RealMemory=2000")
+            .file(
+                "/etc/slurm/slurm.conf.extra",
+                "TaskPlugin=task/cgroup\nSelectTypeParameters=CR_Core_Memory\n",
+            )
+            .file(
+                "/etc/slurm/cgroup.conf",
+                "CgroupPlugin=autodetect\nIgnoreSystemd=yes\nConstrainRAMSpace=yes\n",
+            ),
+    );
+    let (r, rep) = oom_killed_step_report(&c, &["--mem=128M"], "*/job_1/step_0/*");
+    let cgroup = rep["node_state"]["step_memory_cgroup"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        cgroup.starts_with("/sys/fs/cgroup/") && cgroup.ends_with("/job_1/step_0"),
         "{rep}"
     );
     assert!(
@@ -447,10 +480,12 @@ fn an_oom_kill_is_named_in_the_report() {
             .is_some_and(|n| n >= 1),
         "{rep}"
     );
+    let issues = rep["issues_found"].to_string();
     assert!(
-        rep["issues_found"]
-            .to_string()
-            .contains("rank 0 was killed by the kernel's OOM killer: the step ran out of memory"),
+        issues.contains("rank 0 was killed by the kernel's OOM killer: the step ran out of memory")
+            && issues.contains(cgroup),
         "{rep}"
     );
+    // Slurm saw the same OOM kill.
+    assert!(r.stderr.contains("oom_kill event"), "{r}");
 }
