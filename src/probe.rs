@@ -4,6 +4,7 @@
 //! `nvidia-smi` must never hold a step (issue 6).
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -97,30 +98,59 @@ pub fn step_memory_cgroup(
     })
 }
 
+/// OOM kills in a step's memory cgroup tree.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepOom {
+    /// In the step's cgroup and every cgroup below it.
+    pub total: u64,
+    /// In each `task_N` cgroup's tree, by local task id N (Slurm names a
+    /// task's cgroup after its local id, under v1 and v2 alike).
+    pub by_local_task: BTreeMap<u32, u64>,
+}
+
 /// The OOM kills counted in `cg` and every cgroup below it (at most 4096
 /// cgroups, 8 levels deep: Slurm's step holds one per task). None when the
 /// step's own cgroup cannot be read.
-pub fn cgroup_tree_oom_kills(cg: &StepMemoryCgroup) -> Option<u64> {
-    fn walk(dir: &Path, events: &str, depth: u32, budget: &mut u32) -> Option<u64> {
+pub fn cgroup_tree_oom_kills(cg: &StepMemoryCgroup) -> Option<StepOom> {
+    fn walk(
+        dir: &Path,
+        events: &str,
+        depth: u32,
+        budget: &mut u32,
+        task: Option<u32>,
+        acc: &mut StepOom,
+    ) -> Option<()> {
         *budget = budget.checked_sub(1)?;
-        let mut sum = oom_kill_count(&fs::read_to_string(dir.join(events)).ok()?)?;
+        let kills = oom_kill_count(&fs::read_to_string(dir.join(events)).ok()?)?;
+        acc.total += kills;
+        if let Some(t) = task {
+            *acc.by_local_task.entry(t).or_default() += kills;
+        }
         if depth < 8 {
             for entry in fs::read_dir(dir).ok()?.flatten() {
                 if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    let name = entry.file_name();
+                    let below = name
+                        .to_str()
+                        .and_then(|n| n.strip_prefix("task_"))
+                        .and_then(|n| n.parse().ok())
+                        .or(task);
                     // A task cgroup removed meanwhile counts as none.
-                    sum += walk(&entry.path(), events, depth + 1, budget).unwrap_or(0);
+                    let _ = walk(&entry.path(), events, depth + 1, budget, below, acc);
                 }
             }
         }
-        Some(sum)
+        Some(())
     }
-    walk(&cg.dir, cg.events, 0, &mut 4096)
+    let mut acc = StepOom::default();
+    walk(&cg.dir, cg.events, 0, &mut 4096, None, &mut acc)?;
+    Some(acc)
 }
 
 /// [`step_memory_cgroup`] for this process, and the OOM kills counted in
 /// that cgroup's tree so far (the cgroup is made for the step, so: in the
 /// step).
-pub fn step_oom_kills(job: u32, step: u32) -> Option<(StepMemoryCgroup, u64)> {
+pub fn step_oom_kills(job: u32, step: u32) -> Option<(StepMemoryCgroup, StepOom)> {
     let text = fs::read_to_string("/proc/self/cgroup").ok()?;
     // cgroup v2 alone is mounted on /sys/fs/cgroup; beside v1 (hybrid) on
     // /sys/fs/cgroup/unified.
@@ -368,9 +398,18 @@ mod tests {
             dir: step.clone(),
             events: "memory.oom_control",
         };
-        assert_eq!(cgroup_tree_oom_kills(&cg), Some(2));
+        let oom = |total, tasks: &[(u32, u64)]| {
+            Some(StepOom {
+                total,
+                by_local_task: tasks.iter().copied().collect(),
+            })
+        };
+        assert_eq!(cgroup_tree_oom_kills(&cg), oom(2, &[(0, 2), (1, 0)]));
         fs::write(step.join("user/memory.oom_control"), "oom_kill 0\n").unwrap();
-        assert_eq!(cgroup_tree_oom_kills(&cg), Some(3));
+        assert_eq!(
+            cgroup_tree_oom_kills(&cg),
+            oom(3, &[(0, 2), (1, 0), (2, 1)])
+        );
         // The step's own file unreadable: unknown, not zero.
         fs::remove_file(step.join("memory.oom_control")).unwrap();
         assert_eq!(cgroup_tree_oom_kills(&cg), None);

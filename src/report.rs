@@ -100,6 +100,10 @@ pub struct NodeState {
     pub step_memory_cgroup: Option<PathBuf>,
     #[serde(default)]
     pub oom_kills_in_step_cgroup: Option<u64>,
+    /// Of those, the kills in each local task's own cgroup (`task_N`), by
+    /// local task id: which ranks the OOM killer hit.
+    #[serde(default)]
+    pub oom_kills_by_local_task: BTreeMap<u32, u64>,
     pub listening_ports: Vec<u16>,
     pub gpus: CommandProbe,
     pub master: Option<MasterProbe>,
@@ -165,18 +169,32 @@ impl Report {
             Some(_) => None,
             None => ns.oom_kills_during_step.filter(|n| *n > 0),
         };
+        let more_memory = "request more memory (--mem / --mem-per-gpu) or reduce the batch size";
         for t in self.tasks.iter().filter(|t| t.failed()) {
             match (t.exit_code, t.signal) {
-                (_, Some(libc::SIGKILL)) if step_oom.is_some() => {
+                (_, Some(sig)) if (sig == libc::SIGKILL || sig == libc::SIGTERM) && step_oom.is_some() => {
                     let (n, cgroup) = step_oom.clone().unwrap_or_default();
-                    issue(
+                    // The OOM killer sends SIGKILL. A rank whose own task
+                    // cgroup saw no kill (or any SIGTERM) was stopped after
+                    // another process of the step was killed: Slurm ends
+                    // the step (srun -K / --kill-on-bad-exit, an OOM-ed
+                    // step's teardown).
+                    let own = ns.oom_kills_by_local_task.get(&t.local_id);
+                    let text = if sig == libc::SIGKILL && own != Some(&0) {
                         format!(
                             "rank {} was killed by the kernel's OOM killer: the step ran out of \
                              memory ({n} kill(s) in its memory cgroup {cgroup})",
                             t.rank
-                        ),
-                        "request more memory (--mem / --mem-per-gpu) or reduce the batch size".into(),
-                    )
+                        )
+                    } else {
+                        format!(
+                            "rank {} was stopped by {} after the step ran out of memory \
+                             ({n} OOM kill(s) in its memory cgroup {cgroup}, none in this rank's)",
+                            t.rank,
+                            signal_name(sig)
+                        )
+                    };
+                    issue(text, more_memory.into())
                 }
                 (_, Some(libc::SIGKILL)) if oom.is_some() => issue(
                     format!(
@@ -186,7 +204,7 @@ impl Report {
                         t.rank,
                         oom.unwrap_or_default()
                     ),
-                    "request more memory (--mem / --mem-per-gpu) or reduce the batch size".into(),
+                    more_memory.into(),
                 ),
                 (_, Some(s)) if s == libc::SIGTERM || s == libc::SIGKILL => issue(
                     format!("rank {} was stopped by {} from outside (scancel, time limit or preemption)", t.rank, signal_name(s)),
@@ -445,6 +463,7 @@ mod tests {
                 oom_kills_during_step: Some(0),
                 step_memory_cgroup: None,
                 oom_kills_in_step_cgroup: None,
+                oom_kills_by_local_task: BTreeMap::new(),
                 listening_ports: vec![],
                 gpus: CommandProbe::Absent,
                 master: None,
@@ -498,6 +517,27 @@ mod tests {
             ]
         );
         assert!(r.recommendations[0].contains("--mem"));
+        // Per task: rank 2 (local 0) was hit, ranks 3 and 4 only stopped
+        // afterwards (SIGKILL, SIGTERM).
+        let mut r2 = report(vec![
+            TaskOutcome::from_wait_status(2, 0, libc::SIGKILL),
+            TaskOutcome::from_wait_status(3, 1, libc::SIGKILL),
+            TaskOutcome::from_wait_status(4, 2, libc::SIGTERM),
+        ]);
+        r2.node_state = r.node_state.clone();
+        r2.node_state.oom_kills_by_local_task = [(0, 1), (1, 0), (2, 0)].into_iter().collect();
+        r2.analyze(&Context::default());
+        let i = &r2.issues_found;
+        assert!(
+            i[0].starts_with("rank 2 was killed by the kernel's OOM killer")
+                && i[1]
+                    .starts_with("rank 3 was stopped by SIGKILL after the step ran out of memory")
+                && i[2]
+                    .starts_with("rank 4 was stopped by SIGTERM after the step ran out of memory")
+                && i[2].ends_with("none in this rank's)"),
+            "{i:?}"
+        );
+        assert_eq!(r2.recommendations.len(), 1, "{:?}", r2.recommendations);
         // Its cgroup had none: another job's OOM kills on the node do not
         // make this SIGKILL an OOM kill.
         r.node_state.oom_kills_in_step_cgroup = Some(0);

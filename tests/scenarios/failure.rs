@@ -353,11 +353,20 @@ impl Drop for MemoryCgroup {
 /// then doubles a string until the kernel kills it. The doubling stops at
 /// 335 MB, so a task that escaped its limit can never drive the whole
 /// machine out of memory. Returns the step's report on n1.
-fn oom_killed_step_report(c: &Cluster, srun_args: &[&str], cgroup: &str) -> (Run, Value) {
+/// Ranks other than 0 run `others` instead of doubling, when it is given.
+fn oom_killed_step_report(
+    c: &Cluster,
+    srun_args: &[&str],
+    cgroup: &str,
+    others: Option<&str>,
+) -> (Run, Value) {
+    let others = others
+        .map(|o| format!("[ \"$RANK\" = 0 ] || {{ {o}; }}; "))
+        .unwrap_or_default();
     let payload = format!(
         "case $(cat /proc/self/cgroup) in {cgroup}) ;; \
          *) echo not in the expected memory cgroup >&2; cat /proc/self/cgroup >&2; exit 3;; esac; \
-         x=0123456789; i=0; while [ $i -lt 25 ]; do x=$x$x; i=$((i+1)); done"
+         {others}x=0123456789; i=0; while [ $i -lt 25 ]; do x=$x$x; i=$((i+1)); done"
     );
     let mut argv = vec!["-N1", "-w", "n1"];
     argv.extend_from_slice(srun_args);
@@ -366,7 +375,10 @@ fn oom_killed_step_report(c: &Cluster, srun_args: &[&str], cgroup: &str) -> (Run
     r.assert_failed();
     assert_ne!(r.code, Some(3), "the task escaped the memory cgroup: {r}");
     let rep = report(c, 1, "n1", Duration::from_secs(2)).expect("report of the OOM-killed step");
-    assert_eq!(rep["tasks"][0]["signal"], 9, "{rep}");
+    let rank0 = rep["tasks"]
+        .as_array()
+        .and_then(|ts| ts.iter().find(|t| t["rank"] == 0));
+    assert_eq!(rank0.map(|t| &t["signal"]), Some(&Value::from(9)), "{rep}");
     assert!(
         rep["node_state"]["oom_kills_during_step"]
             .as_u64()
@@ -385,7 +397,7 @@ fn an_oom_kill_is_named_in_the_report() {
     let c = cluster(
         Options::default().task_prolog(&format!("echo $SLURM_TASK_PID > {}", procs.display())),
     );
-    let (r, rep) = oom_killed_step_report(&c, &[], "*mlc-oom-test-*");
+    let (r, rep) = oom_killed_step_report(&c, &[], "*mlc-oom-test-*", None);
     assert!(
         cg.oom_kills() >= 1,
         "no OOM kill inside the test cgroup: {r}"
@@ -466,7 +478,14 @@ fn an_oom_kill_in_the_steps_own_cgroup_is_named_exactly() {
                 "CgroupPlugin=autodetect\nIgnoreSystemd=yes\nConstrainRAMSpace=yes\n",
             ),
     );
-    let (r, rep) = oom_killed_step_report(&c, &["--mem=128M"], "*/job_1/step_0/*");
+    // Rank 1 waits and is stopped (SIGTERM) when rank 0 dies (srun -K): the
+    // report must say so, not call it OOM-killed nor blame scancel.
+    let (r, rep) = oom_killed_step_report(
+        &c,
+        &["-n2", "-K", "--mem=128M"],
+        "*/job_1/step_0/*",
+        Some("exec sleep 60"),
+    );
     let cgroup = rep["node_state"]["step_memory_cgroup"]
         .as_str()
         .unwrap_or_default();
@@ -480,10 +499,18 @@ fn an_oom_kill_in_the_steps_own_cgroup_is_named_exactly() {
             .is_some_and(|n| n >= 1),
         "{rep}"
     );
+    assert!(
+        rep["node_state"]["oom_kills_by_local_task"]["0"]
+            .as_u64()
+            .is_some_and(|n| n >= 1)
+            && rep["node_state"]["oom_kills_by_local_task"]["1"] == 0,
+        "{rep}"
+    );
     let issues = rep["issues_found"].to_string();
     assert!(
         issues.contains("rank 0 was killed by the kernel's OOM killer: the step ran out of memory")
-            && issues.contains(cgroup),
+            && issues.contains(cgroup)
+            && issues.contains("rank 1 was stopped by SIGTERM after the step ran out of memory"),
         "{rep}"
     );
     // Slurm saw the same OOM kill.
