@@ -107,7 +107,7 @@ pub fn plugin(slurm: Slurm, fault_injection: bool) -> PathBuf {
     let dir = target_dir().join(slurm.name());
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(manifest_dir())
-        .args(["build", "--lib", "--target-dir"])
+        .args(["build", "--quiet", "--lib", "--target-dir"])
         .arg(&dir)
         .env("SLURM_INCLUDE_DIR", slurm.include_dir());
     if fault_injection {
