@@ -16,7 +16,11 @@ version=${3:-$(awk -F'"' '/^version = /{print $2; exit}' Cargo.toml)}
 case $slurm in
     22.05) inc=/usr/include ;;
     24.11)
-        inc=$(bash tests/cluster/include-24.11.sh | head -n 1)
+        # Its first line. Not "| head -n 1": head may exit before the
+        # script's second line, which then dies of SIGPIPE, and pipefail
+        # fails this build without a word (seen under load in CI).
+        inc=$(bash tests/cluster/include-24.11.sh)
+        inc=${inc%%$'\n'*}
         ;;
     *) echo "build-deb: unknown Slurm '$slurm' (22.05 or 24.11)" >&2; exit 2 ;;
 esac

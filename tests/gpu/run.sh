@@ -18,7 +18,12 @@ chmod 0666 /dev/fuse
 id mlgpu >/dev/null 2>&1 || useradd -m mlgpu
 bin=/tmp/mlc-gpu-bin
 mkdir -p "$bin" && chmod 0755 "$bin"
-nvcc=$(command -v nvcc || ls /usr/local/cuda*/bin/nvcc 2>/dev/null | head -n 1)
+nvcc=$(command -v nvcc || true)
+for c in /usr/local/cuda*/bin/nvcc; do
+    [[ -n $nvcc ]] && break
+    [[ -x $c ]] && nvcc=$c
+done
+[[ -n $nvcc ]] || { echo "gpu/run.sh: no nvcc (PATH, /usr/local/cuda*/bin)" >&2; exit 1; }
 "$nvcc" -o "$bin/device_count" tests/gpu/device_count.cu
 chmod 0755 "$bin/device_count"
 apptainer --version
