@@ -435,9 +435,9 @@ impl<'a> Registry<'a> {
     pub fn closest(&self, reference: &str) -> Vec<String> {
         let mut scored: Vec<(usize, String)> = self
             .catalog()
-            .map(|c| c.references().collect::<Vec<_>>())
-            .unwrap_or_default()
+            .ok()
             .into_iter()
+            .flat_map(Catalog::references)
             .chain(self.scanned_names())
             .map(|r| (edit_distance(reference, &r), r))
             .collect();

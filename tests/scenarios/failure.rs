@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use slurm_ml_container::probe;
 
 use crate::harness::{Cluster, Options, Run, Slurm};
 
@@ -40,15 +41,15 @@ fn on_two_nodes(c: &Cluster, script: &str) -> Run {
 
 /// `sh -c SCRIPT` in the demo image, one task on n1.
 fn on_n1(c: &Cluster, script: &str) -> Run {
-    c.srun(&[
-        "-N1",
-        "-w",
-        "n1",
-        "--ml-container=demo",
-        "/bin/sh",
-        "-c",
-        script,
-    ])
+    on_n1_with(c, &[], script)
+}
+
+/// [`on_n1`] with more srun options (more tasks, memory).
+fn on_n1_with(c: &Cluster, srun_args: &[&str], script: &str) -> Run {
+    let mut argv = vec!["-N1", "-w", "n1"];
+    argv.extend_from_slice(srun_args);
+    argv.extend_from_slice(&["--ml-container=demo", "/bin/sh", "-c", script]);
+    c.srun(&argv)
 }
 
 /// Polls `f` every 50 ms until it gives a value or `within` has passed.
@@ -163,15 +164,11 @@ fn signals_and_scancel_are_recorded() {
         "-c",
         "sleep 300",
     ]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    wait_for(Duration::from_secs(30), || {
         let q = c.run(1, &[], &["squeue", "-h", "-t", "R", "-o", "%i"]);
-        if q.stdout.trim() == "2" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "job 2 never ran");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        (q.stdout.trim() == "2").then_some(())
+    })
+    .expect("job 2 never ran");
     std::thread::sleep(Duration::from_millis(500));
     c.run(1, &[], &["scancel", "2"]).assert_ok();
     bg.wait().assert_failed();
@@ -331,9 +328,7 @@ impl MemoryCgroup {
     /// The OOM kills inside this cgroup so far.
     fn oom_kills(&self) -> u64 {
         let text = std::fs::read_to_string(self.dir.join(self.events)).expect("read OOM events");
-        text.lines()
-            .find_map(|l| l.strip_prefix("oom_kill "))
-            .and_then(|n| n.trim().parse().ok())
+        probe::oom_kill_count(&text)
             .unwrap_or_else(|| panic!("no oom_kill line in {}: {text}", self.events))
     }
 }
@@ -368,10 +363,7 @@ fn oom_killed_step_report(
          *) echo not in the expected memory cgroup >&2; cat /proc/self/cgroup >&2; exit 3;; esac; \
          {others}x=0123456789; i=0; while [ $i -lt 25 ]; do x=$x$x; i=$((i+1)); done"
     );
-    let mut argv = vec!["-N1", "-w", "n1"];
-    argv.extend_from_slice(srun_args);
-    argv.extend_from_slice(&["--ml-container=demo", "/bin/sh", "-c", &payload]);
-    let r = c.srun(&argv);
+    let r = on_n1_with(c, srun_args, &payload);
     r.assert_failed();
     assert_ne!(r.code, Some(3), "the task escaped the memory cgroup: {r}");
     let rep = report(c, 1, "n1", Duration::from_secs(2)).expect("report of the OOM-killed step");
