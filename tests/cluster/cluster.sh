@@ -149,6 +149,9 @@ umount -l /.oldroot
 rmdir /.oldroot 2>/dev/null || true
 
 id mluser >/dev/null 2>&1 || useradd --create-home --uid 1500 --user-group --shell /bin/sh mluser
+# A second user in mluser's primary group: what a group-mate (not the job's
+# user) can see of a job's files.
+id mluser2 >/dev/null 2>&1 || useradd --create-home --uid 1501 --gid 1500 --shell /bin/sh mluser2
 
 # munge: one daemon serves every node through the shared /run.
 mkdir -p /run/munge /etc/munge /var/lib/munge /var/log/munge

@@ -26,6 +26,9 @@ use std::time::{Duration, Instant};
 pub const USER: &str = "mluser";
 pub const USER_ID: &str = "1500";
 pub const HOME: &str = "/home/mluser";
+/// A second unprivileged user sharing `mluser`'s primary group.
+pub const USER2: &str = "mluser2";
+pub const USER2_ID: &str = "1501";
 const PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin";
 
 /// Which Slurm a cluster runs.
@@ -577,14 +580,33 @@ impl Cluster {
     }
 
     fn command(&self, node: usize, as_user: bool, env: &[(&str, &str)], argv: &[&str]) -> Command {
+        let who = if as_user { Some(USER) } else { None };
+        self.command_as(node, who, env, argv)
+    }
+
+    /// `argv` inside `node` as `user` (`mluser` or `mluser2`; both have
+    /// mluser's primary group) or, with `None`, as root.
+    fn command_as(
+        &self,
+        node: usize,
+        user: Option<&str>,
+        env: &[(&str, &str)],
+        argv: &[&str],
+    ) -> Command {
         let anchor = self.anchors[node - 1];
         let mut cmd = Command::new("nsenter");
         cmd.env_clear().arg("-t").arg(anchor.to_string()).arg("-a");
-        let (home, user) = if as_user {
-            cmd.args(["-S", USER_ID, "-G", USER_ID]);
-            (HOME, USER)
-        } else {
-            ("/root", "root")
+        let home_of_2 = format!("/home/{USER2}");
+        let (home, user) = match user {
+            Some(USER2) => {
+                cmd.args(["-S", USER2_ID, "-G", USER_ID]);
+                (home_of_2.as_str(), USER2)
+            }
+            Some(_) => {
+                cmd.args(["-S", USER_ID, "-G", USER_ID]);
+                (HOME, USER)
+            }
+            None => ("/root", "root"),
         };
         cmd.args(["--", "env", "-i", "-C", home])
             .arg(format!("PATH={PATH}"))
@@ -601,6 +623,11 @@ impl Cluster {
     /// Runs `argv` on `node` (1-based) as the unprivileged test user.
     pub fn run(&self, node: usize, env: &[(&str, &str)], argv: &[&str]) -> Run {
         self.exec(self.command(node, true, env, argv), argv)
+    }
+
+    /// Runs `argv` on `node` as the second test user, `mluser2`.
+    pub fn run_as_user2(&self, node: usize, env: &[(&str, &str)], argv: &[&str]) -> Run {
+        self.exec(self.command_as(node, Some(USER2), env, argv), argv)
     }
 
     /// Runs `argv` on `node` as root.
