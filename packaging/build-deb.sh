@@ -50,6 +50,7 @@ strip --strip-unneeded "$stage/usr/lib/x86_64-linux-gnu/slurm-wlm/spank_ml_conta
 install -D -m 0644 plugstack/ml-container.conf \
     "$stage/usr/share/slurm-ml-container/plugstack/ml-container.conf"
 install -D -m 0644 packaging/debian/ml-container.toml "$stage/etc/slurm/ml-container.toml"
+install -D -m 0644 -t "$stage/usr/share/slurm-ml-container/recipes" packaging/recipes/*.def
 for m in ml-container.8 spank-ml-container.8; do
     install -D -m 0644 "packaging/man/$m" "$stage/usr/share/man/man8/$m"
     gzip -9n "$stage/usr/share/man/man8/$m"

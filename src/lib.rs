@@ -18,6 +18,7 @@ pub mod launch;
 pub mod options;
 pub mod plugin;
 pub mod probe;
+pub mod recipe;
 pub mod registry;
 pub mod report;
 pub mod secure;

@@ -2,6 +2,7 @@
 //! 1 problem found, 2 usage.
 #![forbid(unsafe_code)]
 
+mod build;
 mod doctor;
 mod registry_cmds;
 
@@ -29,6 +30,9 @@ commands:
                            the plugin sets, from the SLURM_* variables here
   config                   check the site config and print it as loaded
   version                  print the version and the Slurm it was built for
+  build RECIPE --name N --tag T [--set KEY=VALUE]... [--default]
+                           build an image from a recipe with apptainer and add it
+  recipes                  the recipes and their variables with defaults
 
 --config PATH reads another site config than /etc/slurm/ml-container.toml.
 Exit codes: 0 ok, 1 problem found, 2 usage.
@@ -47,6 +51,8 @@ fn command_help(cmd: &str) -> Option<&'static str> {
         "diagnose" => "usage: ml-container diagnose JOBID [--config PATH]\n\nShow the failure reports the plugin wrote for a job.",
         "env" => "usage: ml-container env [--task N] [--config PATH]\n\nPrint, as export lines, the distributed environment the plugin sets, from\nthe SLURM_* variables here (with --task N: for task N, block distribution).",
         "config" => "usage: ml-container config [--config PATH]\n\nCheck the site config and print it as the plugin loads it.",
+        "build" => "usage: ml-container build RECIPE --name N --tag T [--set KEY=VALUE]... [--default]\n       [--copy-to DIR] [--recipes DIR] [--dry-run] [--config PATH]\n\nRender RECIPE (a name from 'ml-container recipes', or a path to a .def\ntemplate) with its defaults and the --set values, run 'apptainer build' on\nit (killed after container_build_timeout seconds), then add the image to\nthe catalog with its size and sha256 as <root>/DIR/<name>-<tag>.sif (DIR:\nml-frameworks). A failed build adds nothing. --dry-run prints the rendered\ndefinition.",
+        "recipes" => "usage: ml-container recipes [--recipes DIR]\n\nThe recipes (default: /usr/share/slurm-ml-container/recipes) and their\nvariables with defaults.",
         _ => return None,
     })
 }
@@ -169,6 +175,8 @@ fn main() -> ExitCode {
         "config" => config(&cfg),
         "env" => env(&cfg, &mut args),
         "diagnose" => diagnose(&cfg, &mut args),
+        "build" => return build::build(&cfg, &mut args),
+        "recipes" => build::recipes(&mut args),
         other => {
             eprintln!("ml-container: unknown command '{other}'; run 'ml-container help'");
             return ExitCode::from(2);

@@ -117,7 +117,7 @@ fn sha256_with_progress(
 }
 
 /// sha256 of the file at `path` and its size, with progress.
-fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
+pub(crate) fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
     let f = fs::File::open(path)?;
     let size = f.metadata()?.len();
     Ok((size, sha256_with_progress(f, "hashing", path, size)?))
