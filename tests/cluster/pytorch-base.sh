@@ -10,7 +10,7 @@ set -euo pipefail
 PACKAGES=python3-torch,python3-numpy,openmpi-bin,ca-certificates
 SUITE=trixie
 # The stamp changes with the package list: a new list is a new tree.
-STAMP=pytorch-base-$SUITE-$(printf '%s' "$PACKAGES" | sha256sum | cut -c1-12)
+STAMP=pytorch-base-v2-$SUITE-$(printf '%s' "$PACKAGES" | sha256sum | cut -c1-12)
 CACHE=${MLC_CACHE:-/var/cache/slurm-ml-container}
 DIR=$CACHE/$STAMP
 if [[ -f $DIR/.complete ]]; then echo "$DIR"; exit 0; fi
@@ -24,6 +24,9 @@ rm -rf "$DIR.build"
 echo "pytorch-base: debootstrap $SUITE with $PACKAGES (about 3 minutes)" >&2
 debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$DIR.build" "$mirror" >&2
 rm -rf "$DIR.build"/var/cache/apt/archives/*.deb "$DIR.build"/var/lib/apt/lists/*
+# Device nodes cannot be copied by an unprivileged build (Apptainer makes
+# /dev at run time).
+find "$DIR.build/dev" -mindepth 1 -not -type d -delete
 chmod -R a+rX "$DIR.build"
 touch "$DIR.build/.complete"
 mv "$DIR.build" "$DIR"

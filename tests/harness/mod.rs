@@ -13,6 +13,8 @@
 //! slurmctld and slurmd logs.
 #![allow(dead_code)]
 
+pub mod pytorch;
+
 use std::collections::HashMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};

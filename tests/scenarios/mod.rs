@@ -5,6 +5,7 @@ pub mod execution;
 pub mod failure;
 pub mod foundation;
 pub mod package;
+pub mod pytorch;
 pub mod registry;
 
 /// Instantiates scenarios for both Slurm releases.
