@@ -38,6 +38,7 @@ def main() -> int:
     model = DistributedDataParallel(torch.nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     data = torch.Generator().manual_seed(1000 + rank)
+    loss = torch.tensor(float("nan"))
     for _ in range(steps):
         x = torch.randn(32, 8, generator=data)
         y = x.sum(dim=1, keepdim=True)
@@ -53,13 +54,14 @@ def main() -> int:
     identical = torch.equal(hi, lo)
     ok = identical and total.item() == expected
     params = ",".join(f"{v:.6f}" for v in flat.tolist())
-    print(
+    line = (
         f"rank {rank}/{world} local {local} host {socket.gethostname()} "
         f"port {os.environ.get('MASTER_PORT')} all_reduce {total.item():g} "
         f"expected {expected:g} identical {identical} loss {loss.item():.4f} "
-        f"params {params}",
-        flush=True,
+        f"params {params}\n"
     )
+    # One write(2): under torchrun the workers of a node share one stdout.
+    os.write(1, line.encode())
     dist.barrier()
     dist.destroy_process_group()
     return 0 if ok else 1
