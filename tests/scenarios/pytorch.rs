@@ -8,10 +8,12 @@
 //! examples/ddp.py): torch 2.6 sometimes aborts at interpreter exit after
 //! finishing, with or without the plugin.
 
+use crate::harness::pytorch::pytorch_image;
 use crate::harness::{Cluster, Options, Run, Slurm, HOME};
 use crate::on_slurm_24_11;
 
 on_slurm_24_11!(
+    image_built_by_ml_container_build_passed_its_test,
     ddp_over_gloo_with_env_only,
     sbatch_torchrun_c10d_rendezvous,
     two_concurrent_ddp_steps_on_distinct_ports,
@@ -102,6 +104,36 @@ fn assert_trained(lines: &[RankLine], n: usize, ctx: &dyn std::fmt::Display) {
             "parameters differ between ranks: {ctx}"
         );
         assert_eq!(l.port, lines[0].port, "{ctx}");
+    }
+}
+
+/// The image these scenarios use came from `ml-container build
+/// pytorch-debian` (run by the harness as a site would): the recipe's %test
+/// ran and passed during that build, and the catalog entry it made carries
+/// the recipe's labels, which `ml-container show` prints.
+fn image_built_by_ml_container_build_passed_its_test() {
+    let dir = pytorch_image();
+    let log = std::fs::read_to_string(dir.join("build.log")).expect("build.log");
+    assert!(log.contains("Running testscript"), "{log}");
+    assert!(
+        log.contains("torch 2.6.0") && log.contains(": ok"),
+        "%test output missing: {log}"
+    );
+    assert!(
+        log.contains("patched 1 TCPStore call(s) in rendezvous.py"),
+        "{log}"
+    );
+    assert!(log.contains("added pytorch:test"), "{log}");
+    let show = std::fs::read_to_string(dir.join("show.txt")).expect("show.txt");
+    for want in [
+        "\"recipe\": \"pytorch-debian\"",
+        "\"pytorch\": \"2.6.0\"",
+        "\"python\": \"3.13\"",
+        "\"mpi\": \"openmpi 5.0\"",
+        "\"build_date\": \"20",
+        "\"sha256\": ",
+    ] {
+        assert!(show.contains(want), "{want} not in: {show}");
     }
 }
 
