@@ -3,7 +3,8 @@
 # tasks, side by side in one run (issue 13), on a throwaway Slurm 24.11
 # cluster with the test suite's pytorch image (built first if not cached):
 #   bare         srun python3 from the image's Debian tree, no container
-#                (its own dynamic loader and libraries, PYTHONHOME)
+#                (its own dynamic loader and libraries, PYTHONHOME; the
+#                BLAS/LAPACK directories that Debian's alternatives point to)
 #   hand-written srun apptainer exec pytorch.sif python3 ...
 #   plugin       srun --ml-container=pytorch python3 ...
 # RUNS (default 3) rounds, order rotating; medians in ms. Needs root.
@@ -45,9 +46,9 @@ py() {  # VARIANT CODE
     local s=(srun -N2 --ntasks-per-node=2)
     case $1 in
         bare) as_user "${s[@]}" env PYTHONHOME=$B/usr USE_LIBUV=0 $B/lib64/ld-linux-x86-64.so.2 \
-                  --library-path $B/usr/lib/x86_64-linux-gnu:$B/lib/x86_64-linux-gnu \
+                  --library-path $B/usr/lib/x86_64-linux-gnu:$B/usr/lib/x86_64-linux-gnu/blas:$B/usr/lib/x86_64-linux-gnu/lapack:$B/usr/lib \
                   $B/usr/bin/python3 -c "$2" ;;
-        hand) as_user "${s[@]}" apptainer --quiet exec "$img" python3 -c "$2" ;;
+        hand) as_user "${s[@]}" apptainer exec "$img" python3 -c "$2" ;;
         plugin) as_user "${s[@]}" --ml-container=pytorch python3 -c "$2" ;;
     esac
 }
@@ -75,8 +76,7 @@ done
 INNER
 chmod 0755 "$stage/usr/local/bin/mlc-bench"
 echo '[runtime]
-binds = []
-extra_args = ["--quiet"]' >"$stage/etc/slurm/ml-container.toml"
+binds = []' >"$stage/etc/slurm/ml-container.toml"
 
 unshare --mount --pid --fork --kill-child -- bash tests/cluster/cluster.sh \
     "$root" 2 target/cluster/24.11-release/release/libslurm_ml_container.so "$stage" \

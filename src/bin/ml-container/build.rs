@@ -147,20 +147,21 @@ fn run_bounded(mut cmd: Command, timeout: Duration) -> std::io::Result<Outcome> 
 pub fn build(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
     const U: &str = "ml-container build RECIPE --name N --tag T [--set KEY=VALUE]... \
                      [--default] [--copy-to DIR] [--recipes DIR] [--dry-run]";
+    // Options before the positional argument: an option's value ("--name
+    // pytorch") must not be taken for the recipe.
     let dir = recipe_dir(args);
-    let Some(recipe_name) = args.positional() else {
-        return usage(U);
-    };
-    let (Some(name), Some(tag)) = (args.value("--name"), args.value("--tag")) else {
-        return usage(U);
-    };
+    let (name, tag) = (args.value("--name"), args.value("--tag"));
     let default = args.flag("--default");
     let dry_run = args.flag("--dry-run");
     let copy_to = args
         .value("--copy-to")
         .unwrap_or_else(|| "ml-frameworks".to_string());
+    let set_args = args.values("--set");
+    let (Some(recipe_name), Some(name), Some(tag)) = (args.positional(), name, tag) else {
+        return usage(U);
+    };
     let mut sets = Vec::new();
-    for s in args.values("--set") {
+    for s in set_args {
         match recipe::parse_set(&s) {
             Ok(kv) => sets.push(kv),
             Err(e) => return fail(&e.to_string()),
