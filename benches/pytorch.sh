@@ -42,13 +42,16 @@ B=/bases/pytorch
 IMPORT='import torch'
 # DDP init only: the process group, one barrier, teardown.
 INIT='import os, torch.distributed as d; d.init_process_group("gloo", init_method="env://"); d.barrier(); d.destroy_process_group(); os._exit(0)'
+# What a user writes by hand without the plugin: the distributed variables
+# from Slurm's (a port per job: each launch is a job of its own).
+DIST='export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID MASTER_ADDR=n1 MASTER_PORT=$((20000 + SLURM_JOB_ID % 1000)); exec "$@"'
 py() {  # VARIANT CODE
     local s=(srun -N2 --ntasks-per-node=2)
     case $1 in
-        bare) as_user "${s[@]}" env PYTHONHOME=$B/usr USE_LIBUV=0 $B/lib64/ld-linux-x86-64.so.2 \
+        bare) as_user "${s[@]}" sh -c "$DIST" sh env PYTHONHOME=$B/usr USE_LIBUV=0 $B/lib64/ld-linux-x86-64.so.2 \
                   --library-path $B/usr/lib/x86_64-linux-gnu:$B/usr/lib/x86_64-linux-gnu/blas:$B/usr/lib/x86_64-linux-gnu/lapack:$B/usr/lib \
                   $B/usr/bin/python3 -c "$2" ;;
-        hand) as_user "${s[@]}" apptainer exec "$img" python3 -c "$2" ;;
+        hand) as_user "${s[@]}" sh -c "$DIST" sh apptainer exec "$img" python3 -c "$2" ;;
         plugin) as_user "${s[@]}" --ml-container=pytorch python3 -c "$2" ;;
     esac
 }
