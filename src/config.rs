@@ -220,6 +220,10 @@ pub struct RuntimeConfig {
     pub denied_binds: Vec<AbsPath>,
     /// Extra arguments passed to `<runtime> exec`.
     pub extra_args: Vec<String>,
+    /// The runtime's global `--quiet` (Apptainer, Singularity): hides its
+    /// INFO lines (such as "gocryptfs not found") on every task's stderr;
+    /// warnings and errors still show.
+    pub quiet: bool,
     /// The small exec helper used where Slurm cannot prepend to a task's
     /// argv (before 23.11).
     pub launcher: AbsPath,
@@ -242,6 +246,7 @@ impl Default for RuntimeConfig {
                 .map(|p| AbsPath(PathBuf::from(p)))
                 .to_vec(),
             extra_args: Vec::new(),
+            quiet: true,
             launcher: AbsPath(PathBuf::from(DEFAULT_LAUNCHER)),
         }
     }

@@ -26,6 +26,8 @@ pub struct Plan {
     pub workdir: Option<PathBuf>,
     pub writable_tmpfs: bool,
     pub extra_args: Vec<String>,
+    /// The runtime's global `--quiet` (config `runtime.quiet`).
+    pub quiet: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,16 +125,17 @@ pub fn check_user_binds(cfg: &SiteConfig, user: &[Mount]) -> Result<(), LaunchEr
 }
 
 /// The binds of a step: the site's defaults whose source exists on this
-/// node (the others are reported in the returned notes and skipped), then
-/// the user's.
+/// node, then the user's. The defaults skipped for a missing source come
+/// back as one note (the slurmd log gets one line per node and step, not
+/// one per missing directory).
 pub fn binds(
     cfg: &SiteConfig,
     user: &[Mount],
     exists: &dyn Fn(&Path) -> bool,
-) -> Result<(Vec<Mount>, Vec<String>), LaunchError> {
+) -> Result<(Vec<Mount>, Option<String>), LaunchError> {
     check_user_binds(cfg, user)?;
     let mut out = Vec::new();
-    let mut notes = Vec::new();
+    let mut skipped = Vec::new();
     for entry in &cfg.runtime.binds {
         let parsed = options::parse_mounts(entry).map_err(|e| LaunchError::BadDefault {
             entry: entry.clone(),
@@ -142,18 +145,21 @@ pub fn binds(
             if exists(&m.src) {
                 out.push(m);
             } else {
-                notes.push(format!(
-                    "default bind {} skipped: {} does not exist on this node",
-                    m,
-                    m.src.display()
-                ));
+                skipped.push(m.src.display().to_string());
             }
         }
     }
     // A user bind to the same destination replaces the default.
     out.retain(|d| !user.iter().any(|u| u.dst == d.dst));
     out.extend(user.iter().cloned());
-    Ok((out, notes))
+    let note = (!skipped.is_empty()).then(|| {
+        format!(
+            "default binds skipped, their sources do not exist on this node: {} (create them \
+             or remove them from runtime.binds)",
+            skipped.join(", ")
+        )
+    });
+    Ok((out, note))
 }
 
 /// Whether the step was given GPUs: Slurm exports these to the tasks of a
@@ -223,6 +229,10 @@ impl Plan {
         let mut argv = vec![s(&self.runtime)];
         match self.kind {
             RuntimeKind::Apptainer | RuntimeKind::Singularity => {
+                // A global option: it goes before the subcommand.
+                if self.quiet {
+                    argv.push("--quiet".into());
+                }
                 argv.push("exec".into());
                 if self.nv {
                     argv.push("--nv".into());
@@ -340,6 +350,7 @@ mod tests {
             workdir: Some("/work".into()),
             writable_tmpfs: true,
             extra_args: vec!["--cleanenv".into()],
+            quiet: false,
         };
         assert_eq!(
             p.prefix().join(" "),
@@ -347,6 +358,11 @@ mod tests {
              /scratch:/scratch --pwd /work --cleanenv /opt/containers/x.sif"
         );
         assert!(!p.prefix().iter().any(|a| a.starts_with("--contain")));
+        let quiet = Plan { quiet: true, ..p };
+        assert_eq!(
+            quiet.prefix()[..3],
+            ["/usr/bin/apptainer", "--quiet", "exec"]
+        );
     }
 
     #[test]
@@ -360,6 +376,7 @@ mod tests {
             workdir: Some("/in".into()),
             writable_tmpfs: false,
             extra_args: vec![],
+            quiet: true,
         };
         assert_eq!(
             p.prefix().join(" "),
@@ -381,8 +398,17 @@ mod tests {
             mounts("/home/u/x:/data"),
             "user bind replaces the default's destination"
         );
-        assert_eq!(notes.len(), 1);
-        assert!(notes[0].contains("/shared/models"));
+        let note = notes.expect("a note for the missing default");
+        assert!(
+            note.contains("/shared/models") && !note.contains("/shared/data"),
+            "{note}"
+        );
+        let all_missing = |_: &Path| false;
+        let (_, note) = binds(&cfg, &[], &all_missing).unwrap();
+        let note = note.expect("one note for every missing default");
+        assert_eq!(note.lines().count(), 1);
+        assert!(note.contains("/shared/data, /shared/models"), "{note}");
+        assert_eq!(binds(&cfg, &[], &|_: &Path| true).unwrap().1, None);
 
         for bad in [
             "/etc/shadow:/x",

@@ -433,8 +433,8 @@ fn prepare_on_node(
             launch::RUNTIME_DIRS.join(", ")
         ))
     })?;
-    let (binds, notes) = launch::binds(config, &opts.mounts, &|p| p.exists())?;
-    for n in notes {
+    let (binds, note) = launch::binds(config, &opts.mounts, &|p| p.exists())?;
+    if let Some(n) = note {
         log::info!("{n}");
     }
     let plan = Plan {
@@ -448,6 +448,7 @@ fn prepare_on_node(
         workdir: opts.workdir.clone(),
         writable_tmpfs: opts.writable_tmpfs,
         extra_args: config.runtime.extra_args.clone(),
+        quiet: config.runtime.quiet,
     };
     Ok((pin, plan))
 }

@@ -452,6 +452,11 @@ impl<'a> Registry<'a> {
 
     /// `<name>` of every `<name>.sif` in the search directories.
     pub fn scanned_names(&self) -> Vec<String> {
+        self.scanned().into_iter().map(|(n, _)| n).collect()
+    }
+
+    /// `(<name>, path)` of every `<name>.sif` in the search directories.
+    pub fn scanned(&self) -> Vec<(String, PathBuf)> {
         let mut out = Vec::new();
         for dir in self.search_dirs() {
             let Ok(entries) = fs::read_dir(self.root.join(dir)) else {
@@ -460,7 +465,7 @@ impl<'a> Registry<'a> {
             for e in entries.flatten().take(10_000) {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if let Some(stem) = IMAGE_SUFFIXES.iter().find_map(|s| name.strip_suffix(s)) {
-                    out.push(stem.to_string());
+                    out.push((stem.to_string(), e.path()));
                 }
             }
         }

@@ -314,3 +314,67 @@ fn verify_names_the_corrupted_image_and_doctor_flags_problems() {
         "{out}"
     );
 }
+
+/// A torch version string is a tag as it is (`2.6.0+debian`); a file that
+/// `add --copy-to` put into a search directory is listed once, as the
+/// catalog's entry, not again as a scan result; a bad tag's message says
+/// what to pass instead.
+#[test]
+fn plus_in_tags_and_one_line_per_copied_image() {
+    let e = env("plus", "");
+    assert!(cli(&e, &["init"]).status.success());
+    let src = e.dir.join("torch.sif");
+    sif_file(&src);
+    let add = |tag: &str| {
+        cli(
+            &e,
+            &[
+                "add",
+                src.to_str().unwrap(),
+                "--name",
+                "pytorch",
+                "--tag",
+                tag,
+                "--default",
+                "--copy-to",
+                "ml-frameworks",
+            ],
+        )
+    };
+    let o = add("2.6.0+debian");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(root(&e)
+        .join("ml-frameworks/pytorch-2.6.0+debian.sif")
+        .is_file());
+    // A file the catalog does not name is still a scan result.
+    sif_file(&root(&e).join("custom-images/mine.sif"));
+    let o = cli(&e, &["list"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{}", text(&o));
+    let rows: Vec<&str> = out.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert!(
+        rows[0].starts_with("pytorch ") && rows[0].contains("2.6.0+debian"),
+        "{out}"
+    );
+    assert!(
+        rows[1].starts_with("mine ") && rows[1].contains("(found by scan)"),
+        "{out}"
+    );
+    let o = cli(&e, &["show", "pytorch:2.6.0+debian"]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    for (bad, suggestion) in [
+        ("2.6 0", "'2.6-0'"),
+        ("+cu121", "'cu121'"),
+        ("a/b", "'a-b'"),
+    ] {
+        let o = add(bad);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        let t = text(&o);
+        assert!(
+            t.contains("pass another --tag") && t.contains(suggestion),
+            "{bad}: {t}"
+        );
+    }
+}
