@@ -640,7 +640,16 @@ default = true
         for ok in ["2.6.0+debian", "2.1.0+cu121", "24.01-py3", "latest", "a_b"] {
             assert!(valid_tag(ok), "{ok}");
         }
-        for bad in ["", "+cu121", ".x", "-x", "a b", "a/b", "a:b", &"1".repeat(129)] {
+        for bad in [
+            "",
+            "+cu121",
+            ".x",
+            "-x",
+            "a b",
+            "a/b",
+            "a:b",
+            &"1".repeat(129),
+        ] {
             assert!(!valid_tag(bad), "{bad}");
         }
     }

@@ -467,9 +467,16 @@ fn runtime_env_prefix(kind: RuntimeKind) -> Option<&'static str> {
 /// Sets the contract for this task: each variable the user has not set,
 /// and, so that the image's `%environment` cannot override it, the
 /// runtime's prefixed copy of the value in effect (the user's or ours).
+///
+/// A task that runs an elastic launcher (torchrun) gets the step's
+/// MASTER_ADDR/MASTER_PORT and the site's variables only: the launcher
+/// numbers its own workers ([`distenv::PER_WORKER`]).
 fn set_task_env(host: &mut dyn Host, config: &SiteConfig) -> Result<(), PluginError> {
     let facts = TaskFacts::from_env(&|k| host.getenv(k))?;
-    let vars = distenv::contract(config, &facts)?;
+    let mut vars = distenv::contract(config, &facts)?;
+    if distenv::is_elastic_launcher(&host.job_argv().unwrap_or_default()) {
+        vars.retain(|(k, _)| !distenv::PER_WORKER.contains(&k.as_str()));
+    }
     let prefix = runtime_env_prefix(config.runtime.kind);
     let mut effective = Vec::with_capacity(vars.len());
     let ours = distenv::to_set(vars.clone(), &|k| host.getenv(k));
