@@ -570,6 +570,7 @@ pub fn task_init(host: &mut dyn Host) -> Result<(), PluginError> {
         &st.options,
         launch::step_has_gpus(&|k| host.getenv(k)),
     );
+    add_mpi_binds(&mut plan, config, host);
     check_as_user(&plan, &hostname())?;
     // The command: a bare name the user typed is looked up in the image.
     let task_argv = host.job_argv().unwrap_or_default();
@@ -612,6 +613,26 @@ pub fn task_init(host: &mut dyn Host) -> Result<(), PluginError> {
             Ok(())
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// `srun --mpi=pmix`: Slurm's PMIx server directory (and munge's socket
+/// directory) bound into the container ([`launch::mpi_binds`]). Slurm puts
+/// PMIX_* into the task's environment, so this is decided per task, here,
+/// as the user. The values come from the job's environment like a user's
+/// own --ml-container-mounts, so the site's denied paths apply to them too.
+fn add_mpi_binds(plan: &mut Plan, config: &SiteConfig, host: &dyn Host) {
+    let denied = launch::denied_paths(config);
+    for m in launch::mpi_binds(&|k| host.getenv(k), &|p| p.is_dir()) {
+        if let Some(d) = launch::denied_by(&m.src, &denied) {
+            log::warn!(
+                "MPI bind {} not made: {} is denied by runtime.denied_binds",
+                m.src.display(),
+                d.display()
+            );
+        } else if !plan.binds.iter().any(|b| b.dst == m.dst) {
+            plan.binds.push(m);
+        }
     }
 }
 

@@ -437,4 +437,31 @@ fn mpi_ranks_wire_up_across_nodes_with_pmix() {
     }
     let hosts: std::collections::BTreeSet<&str> = lines.iter().map(|f| f[4].as_str()).collect();
     assert_eq!(hosts.len(), 2, "{r}");
+    // Slurm's PMIx server directory is bound into the container at the
+    // same path, on every node (README: "srun --mpi=pmix wire-up"): the
+    // image has no such directory of its own.
+    let r = c.srun(&[
+        "-N2",
+        "-n2",
+        "--mpi=pmix",
+        "--ml-container=mpi",
+        "python3",
+        "-c",
+        "import os; d = os.environ['PMIX_SERVER_TMPDIR'].rstrip('/'); \
+         print(os.uname().nodename, d, os.path.isdir(d))",
+    ]);
+    r.assert_ok();
+    let seen: Vec<Vec<&str>> = r.stdout.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(seen.len(), 2, "{r}");
+    for f in seen {
+        let (node, dir, inside) = (f[0], f[1], f[2]);
+        assert_eq!(inside, "True", "{dir} not in the container on {node}: {r}");
+        let log = c.slurmd_log(node[1..].parse().unwrap());
+        let bind = format!("--bind {dir}:{dir} ");
+        assert!(
+            log.lines()
+                .any(|l| l.contains("runtime command:") && l.contains(&bind)),
+            "no {bind} in {node}'s runtime commands:\n{log}"
+        );
+    }
 }
