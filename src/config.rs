@@ -224,8 +224,8 @@ pub struct RuntimeConfig {
     /// INFO lines (such as "gocryptfs not found") on every task's stderr;
     /// warnings and errors still show.
     pub quiet: bool,
-    /// The small exec helper used where Slurm cannot prepend to a task's
-    /// argv (before 23.11).
+    /// The small program every containerized task runs under
+    /// (src/bin/ml-container-launch.rs).
     pub launcher: AbsPath,
 }
 

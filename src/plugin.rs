@@ -95,8 +95,6 @@ pub trait Host {
     fn local_task_count(&self) -> Option<u32>;
     /// The job's uid and gid.
     fn job_ids(&self) -> Option<(u32, u32)>;
-    /// Prepends to the task's argv (task context, Slurm >= 23.11).
-    fn prepend_argv(&mut self, argv: &[String]) -> Result<(), HostError>;
 }
 
 /// Why a callback fails the job. `Display` is the one line the user sees.
@@ -576,44 +574,44 @@ pub fn task_init(host: &mut dyn Host) -> Result<(), PluginError> {
     let task_argv = host.job_argv().unwrap_or_default();
     let resolved = task_argv.first().cloned().unwrap_or_default();
     let typed = launch::typed_command(&recorded_srun_argv(host), &task_argv);
-    let command = launch::container_argv0(typed.as_deref(), &resolved);
-    if let Some(bare) = &command {
-        host.set_argv0(bare)?;
-    }
+    let bare = launch::container_argv0(typed.as_deref(), &resolved);
     log::info!(
         "task {}: runtime command: {} {}",
         host.getenv("SLURM_PROCID").unwrap_or_default(),
         plan.prefix().join(" "),
-        command.as_deref().unwrap_or(&resolved)
+        bare.as_deref().unwrap_or(&resolved)
     );
-    match host.prepend_argv(&plan.prefix()) {
-        Ok(()) => Ok(()),
-        Err(HostError::Unsupported(_)) => {
-            // Before Slurm 23.11 the task's argv cannot grow: argv[0]
-            // becomes the launcher, which reads the prefix and the command
-            // from the environment and execs them (TaskProlog, TMPDIR,
-            // rlimits and cgroups are already in place: nothing is exec'd
-            // from task_init itself).
-            let launcher = config.runtime.launcher.as_path();
-            if !is_executable(launcher) {
-                return Err(PluginError::Node(format!(
-                    "node {}: cannot run {}: the launcher {} is missing (needed on Slurm < \
-                     23.11); install the slurm-ml-container package on this node",
-                    hostname(),
-                    pin.display_name(),
-                    launcher.display()
-                )));
-            }
-            let spec = launch::LaunchSpec {
-                prefix: plan.prefix(),
-                command: command.unwrap_or(resolved),
-            };
-            host.set_job_env(launch::LAUNCH_ENV, &spec.encode())?;
-            host.set_argv0(&launcher.to_string_lossy())?;
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
+    // argv[0] becomes the launcher, which reads the prefix and the command
+    // from the environment and runs them (TaskProlog, TMPDIR, rlimits and
+    // cgroups are already in place: nothing is exec'd from task_init
+    // itself). It stays the task's process so that a failed task can name
+    // its report on its own stderr (src/bin/ml-container-launch.rs).
+    let launcher = config.runtime.launcher.as_path();
+    if !is_executable(launcher) {
+        return Err(PluginError::Node(format!(
+            "node {}: cannot run {}: the launcher {} is missing; install the \
+             slurm-ml-container package on this node",
+            hostname(),
+            pin.display_name(),
+            launcher.display()
+        )));
     }
+    let spec = launch::LaunchSpec {
+        prefix: plan.prefix(),
+        in_image: bare.is_some(),
+        command: bare.unwrap_or(resolved),
+        can_probe: matches!(plan.kind, RuntimeKind::Apptainer | RuntimeKind::Singularity),
+        task: Some(launch::TaskLabel {
+            job: host.job_id().unwrap_or(0),
+            step: host.step_id().unwrap_or(0),
+            rank: host.task_global_id().unwrap_or(0),
+            node: hostname(),
+            image: pin.display_name(),
+        }),
+    };
+    host.set_job_env(launch::LAUNCH_ENV, &spec.encode())?;
+    host.set_argv0(&launcher.to_string_lossy())?;
+    Ok(())
 }
 
 /// `srun --mpi=pmix`: Slurm's PMIx server directory (and munge's socket
@@ -959,9 +957,6 @@ mod tests {
                 Some(v) => self.env.insert(name.to_string(), v.to_string()),
                 None => self.env.remove(name),
             };
-        }
-        fn prepend_argv(&mut self, _: &[String]) -> Result<(), HostError> {
-            Err(HostError::Unsupported("test"))
         }
         fn set_job_env(&mut self, name: &str, value: &str) -> Result<(), HostError> {
             self.env.insert(name.to_string(), value.to_string());

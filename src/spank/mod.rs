@@ -233,43 +233,6 @@ impl Host for SpankHost {
         }
     }
 
-    #[cfg(has_prepend_task_argv)]
-    fn prepend_argv(&mut self, argv: &[String]) -> Result<(), HostError> {
-        let owned: Vec<CString> = argv
-            .iter()
-            .map(|a| to_cstring(a))
-            .collect::<Result<_, _>>()?;
-        let mut ptrs: Vec<*const c_char> = owned.iter().map(|c| c.as_ptr()).collect();
-        ptrs.push(std::ptr::null());
-        // SAFETY: `ptrs` holds argv.len() valid C strings (kept alive by
-        // `owned` across the call) and a NULL terminator; Slurm copies them
-        // (spank.h: spank_prepend_task_argv, Slurm >= 23.11).
-        let rc = unsafe {
-            sys::spank_prepend_task_argv(self.sp, argv.len() as c_int, ptrs.as_mut_ptr())
-        };
-        // The task execs right after task_init; whether Slurm copies the
-        // strings or keeps the pointers, leaving them allocated is safe.
-        std::mem::forget(owned);
-        std::mem::forget(ptrs);
-        if rc == sys::ESPANK_SUCCESS {
-            Ok(())
-        } else {
-            Err(HostError::Spank {
-                call: "spank_prepend_task_argv",
-                what: argv.first().cloned().unwrap_or_default(),
-                code: rc,
-                message: strerror(rc),
-            })
-        }
-    }
-
-    #[cfg(not(has_prepend_task_argv))]
-    fn prepend_argv(&mut self, _argv: &[String]) -> Result<(), HostError> {
-        Err(HostError::Unsupported(
-            "spank_prepend_task_argv (Slurm >= 23.11)",
-        ))
-    }
-
     fn register_option(&mut self, spec: &OptionSpec) -> Result<(), HostError> {
         let name = to_cstring(spec.name)?;
         let usage = to_cstring(spec.usage)?;

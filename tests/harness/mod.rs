@@ -373,11 +373,17 @@ pub fn images(markers: &[&str]) -> HashMap<String, PathBuf> {
         for m in &missing {
             // An image whose %environment sets RANK=999, to prove the
             // plugin's values win over the image's.
-            let extra = if *m == "rank999" {
-                "mkdir -p $d/.singularity.d/env && \
-                 echo 'export RANK=999 MASTER_PORT=1' > $d/.singularity.d/env/90-environment.sh &&"
-            } else {
-                ""
+            let extra = match *m {
+                "rank999" => {
+                    "mkdir -p $d/.singularity.d/env && \
+                     echo 'export RANK=999 MASTER_PORT=1' > $d/.singularity.d/env/90-environment.sh &&"
+                }
+                // An image with `python3` and no `python`, as Debian's.
+                "py3" => {
+                    "printf '#!/bin/sh\\necho python3 stand-in \\\"$@\\\"\\n' > $d/bin/python3 && \
+                     chmod 755 $d/bin/python3 &&"
+                }
+                _ => "",
             };
             let script = format!(
                 "set -e; d=/tmp/sb-{m}; rm -rf $d; mkdir -p $d/bin $d/tmp $d/home $d/etc; touch $d/etc/passwd $d/etc/group; \

@@ -69,12 +69,16 @@ fn task_runs_in_the_image_as_the_user_with_binds_and_stdin() {
     // The default bind whose source is absent was skipped, and said so.
     let log = c.slurmd_log(1);
     assert!(
-        log.contains("default bind /shared/models:/models:rw skipped"),
+        log.contains(
+            "default binds skipped, their sources do not exist on this node: /shared/models"
+        ),
         "{log}"
     );
     // The runtime command, as logged.
     assert!(
-        log.contains("runtime command: /usr/bin/apptainer exec --bind /shared/data:/data:ro"),
+        log.contains(
+            "runtime command: /usr/bin/apptainer --quiet exec --bind /shared/data:/data:ro"
+        ),
         "{log}"
     );
 
@@ -359,7 +363,7 @@ fn the_singularity_kind_runs_the_image_with_the_contract() {
     assert_contract_beats_rank999(&c);
     let log = c.slurmd_log(1);
     assert!(
-        log.contains("runtime command: /usr/bin/singularity exec"),
+        log.contains("runtime command: /usr/bin/singularity --quiet exec"),
         "{log}"
     );
 }

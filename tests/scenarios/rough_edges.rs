@@ -9,6 +9,9 @@ crate::on_slurm_24_11!(
     a_torch_version_is_a_tag_and_a_copied_image_is_listed_once,
     one_log_line_for_missing_default_binds_and_no_runtime_info_lines,
     a_torchrun_task_gets_the_master_but_not_per_worker_variables,
+    a_failed_task_names_its_report_on_the_users_stderr,
+    a_command_missing_from_the_image_is_named_with_the_one_that_is_there,
+    the_launcher_is_transparent_to_exit_codes_signals_and_masks,
 );
 
 fn a_torch_version_is_a_tag_and_a_copied_image_is_listed_once() {
@@ -103,7 +106,7 @@ fn one_log_line_for_missing_default_binds_and_no_runtime_info_lines() {
         "[runtime]\nquiet = false\n",
         0o644,
     );
-    let r = c.srun(&["-N1", "--ml-container=quiet", "/bin/true"]);
+    let r = c.srun(&["-N1", "-w", "n1", "--ml-container=quiet", "/bin/true"]);
     r.assert_ok();
     assert!(
         c.slurmd_log(1).contains("apptainer exec"),
@@ -161,4 +164,162 @@ fn a_torchrun_task_gets_the_master_but_not_per_worker_variables() {
         "{plain}"
     );
     assert!(!plain.contains("=unset"), "{plain}");
+}
+
+/// srun says only "Exited with exit code N"; the failed task itself names
+/// the report, on its own stderr, once; a task stopped by Slurm after
+/// another failed says nothing; output and exit codes are what they were.
+fn a_failed_task_names_its_report_on_the_users_stderr() {
+    let img = images(&["notice"]);
+    let c = Cluster::start_with(
+        Slurm::V24_11,
+        Options::default().copy(&img["notice"], "/opt/containers/ml-frameworks/notice.sif"),
+    );
+    let r = c.srun(&[
+        "-N2",
+        "-n2",
+        "--ml-container=notice",
+        "/bin/sh",
+        "-c",
+        "if [ $SLURM_PROCID = 1 ]; then echo out; echo err >&2; exit 3; fi",
+    ]);
+    assert_eq!(r.code, Some(3), "{r}");
+    assert_eq!(r.stdout, "out\n", "{r}");
+    let job: u32 = c
+        .run(1, &[], &["squeue", "-h", "-t", "all", "-o", "%i"])
+        .stdout
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .max()
+        .expect("a job id");
+    let notices: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("ml-container:"))
+        .collect();
+    assert_eq!(
+        notices,
+        [format!(
+            "ml-container: job {job} step 0 rank 1 (image notice) exited with code 3 on n2; the \
+             failure report: ml-container diagnose {job} (on n2)"
+        )],
+        "{r}"
+    );
+    assert!(r.stderr.contains("err\n"), "{r}");
+    // The same step, rank 1 now sleeping, rank 0 failing under
+    // --kill-on-bad-exit: Slurm stops rank 1, which does not claim a failure.
+    let r = c.srun(&[
+        "-N2",
+        "-n2",
+        "-K",
+        "--ml-container=notice",
+        "/bin/sh",
+        "-c",
+        "if [ $SLURM_PROCID = 0 ]; then exit 5; fi; sleep 30",
+    ]);
+    r.assert_failed();
+    let notices: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("ml-container:"))
+        .collect();
+    assert_eq!(notices.len(), 1, "{r}");
+    assert!(
+        notices[0].contains("rank 0 (image notice) exited with code 5 on n1"),
+        "{r}"
+    );
+}
+
+/// `python` in an image that has only `python3`: Apptainer alone says
+/// `FATAL: "python": executable file not found in $PATH` and exits 255;
+/// the task adds which image and what is there instead.
+fn a_command_missing_from_the_image_is_named_with_the_one_that_is_there() {
+    let img = images(&["py3"]);
+    let c = Cluster::start_with(
+        Slurm::V24_11,
+        Options::default().copy(&img["py3"], "/opt/containers/ml-frameworks/py3.sif"),
+    );
+    let r = c.srun(&["-N1", "--ml-container=py3", "python", "train.py"]);
+    assert_eq!(r.code, Some(255), "{r}");
+    assert!(
+        r.stderr.contains(
+            "ml-container: 'python' is not in image py3 (looked up in the image's PATH, not the \
+             host's); did you mean python3 (/bin/python3)?"
+        ),
+        "{r}"
+    );
+    let r = c.srun(&["-N1", "--ml-container=py3", "python3", "train.py"]);
+    r.assert_ok();
+    // (the stand-in quotes its arguments)
+    assert_eq!(r.stdout, "python3 stand-in \"train.py\"\n", "{r}");
+    // A command the image does not have under any name.
+    let r = c.srun(&["-N1", "--ml-container=py3", "nvcc"]);
+    assert_eq!(r.code, Some(255), "{r}");
+    assert!(r.stderr.contains("'nvcc' is not in image py3"), "{r}");
+    assert!(r.stderr.contains("give its full path in the image"), "{r}");
+    // A payload's own 255 is not mistaken for a missing command.
+    let r = c.srun(&["-N1", "--ml-container=py3", "sh", "-c", "exit 255"]);
+    assert_eq!(r.code, Some(255), "{r}");
+    assert!(!r.stderr.contains("is not in image"), "{r}");
+}
+
+/// Every task runs under ml-container-launch: what srun reports (exit code,
+/// signal, srun's own lines), the payload's signal dispositions and mask,
+/// and its output are those of the same payload under a hand-written
+/// `apptainer exec` of the same image.
+fn the_launcher_is_transparent_to_exit_codes_signals_and_masks() {
+    let img = images(&["plain"]);
+    let sif = "/opt/containers/ml-frameworks/plain.sif";
+    let c = Cluster::start_with(Slurm::V24_11, Options::default().copy(&img["plain"], sif));
+    let strip = |s: &str| -> String {
+        s.lines()
+            .filter(|l| {
+                // Our notice, and srun's lines about waiting for the node
+                // (the previous step may still be completing there).
+                !l.starts_with("ml-container:")
+                    && (!l.starts_with("srun: job ") || l.contains("error"))
+            })
+            .map(|l| match l.split_once("StepId=") {
+                // The job id differs between the two steps.
+                Some((head, _)) => format!("{head}StepId=J.S\n"),
+                None => format!("{l}\n"),
+            })
+            .collect()
+    };
+    for payload in [
+        "exit 0",
+        "exit 1",
+        "exit 255",
+        "echo out; echo err >&2; exit 42",
+        "grep -E '^Sig(Ign|Blk)' /proc/self/status",
+        "kill -SEGV $$",
+        "kill -KILL $$",
+        "kill -PIPE $$",
+        "kill -USR1 $$",
+        "kill -ABRT $$",
+    ] {
+        let ours = c.srun(&["-w", "n1", "--ml-container=plain", "/bin/sh", "-c", payload]);
+        let theirs = c.srun(&[
+            "-w",
+            "n1",
+            "apptainer",
+            "--quiet",
+            "exec",
+            sif,
+            "/bin/sh",
+            "-c",
+            payload,
+        ]);
+        assert_eq!(
+            (ours.code, ours.signal),
+            (theirs.code, theirs.signal),
+            "{payload}:\n{ours}\n{theirs}"
+        );
+        assert_eq!(ours.stdout, theirs.stdout, "{payload}:\n{ours}\n{theirs}");
+        assert_eq!(
+            strip(&ours.stderr),
+            strip(&theirs.stderr),
+            "{payload}:\n{ours}\n{theirs}"
+        );
+    }
 }
