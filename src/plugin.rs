@@ -736,8 +736,11 @@ pub fn task_exit(host: &mut dyn Host) -> Result<(), PluginError> {
         *oom_at_start,
         dist,
     );
-    let gid = host.job_ids().map_or(0, |(_, g)| g);
-    match rep.write(config.failure.report_dir.as_path(), gid) {
+    let Some((uid, gid)) = host.job_ids() else {
+        log::error!("no job uid/gid from Slurm: not writing the failure report");
+        return Ok(());
+    };
+    match rep.write(config.failure.report_dir.as_path(), uid, gid) {
         Ok(path) => log::info!("failure report: {}", path.display()),
         Err(e) => log::error!(
             "cannot write the failure report under {}: {e}",
