@@ -788,15 +788,17 @@ fn build_report(
     let get = |k: &str| host.getenv(k);
     // The node's share of the contract: values the user set win, RANK and
     // LOCAL_RANK are per task (see `tasks`).
-    let (environment, dist_error): (std::collections::BTreeMap<String, String>, _) = if dist {
-        match distenv::facts_for(&get, None).and_then(|f| distenv::contract(config, &f)) {
+    // The contract with MASTER_ADDR as the host name (Slurm's step node
+    // list, which slurmstepd sets over the user's environment): with
+    // `distributed.addr = "ip"` the contract would resolve it here, without
+    // a deadline; the probe resolves it within probe_timeout instead.
+    let mut by_name = config.clone();
+    by_name.distributed.addr = crate::config::AddrKind::Hostname;
+    let (contract, dist_error): (std::collections::BTreeMap<String, String>, _) = if dist {
+        match distenv::facts_for(&get, None).and_then(|f| distenv::contract(&by_name, &f)) {
             Ok(vars) => (
                 vars.into_iter()
                     .filter(|(k, _)| k != "RANK" && k != "LOCAL_RANK" && k != "NODE_RANK")
-                    .map(|(k, v)| {
-                        let v = get(&k).unwrap_or(v);
-                        (k, v)
-                    })
                     .collect(),
                 None,
             ),
@@ -805,10 +807,18 @@ fn build_report(
     } else {
         (Default::default(), None)
     };
-    let master = match (
-        environment.get("MASTER_ADDR"),
-        environment.get("MASTER_PORT"),
-    ) {
+    // What the tasks had: a value the user set wins (it is what they ran
+    // with), escaped and capped like every job string in a report.
+    let environment: std::collections::BTreeMap<String, String> = contract
+        .iter()
+        .map(|(k, v)| {
+            let v = get(k).map_or_else(|| v.clone(), |u| crate::jobtext::field(&u));
+            (k.clone(), v)
+        })
+        .collect();
+    // The probe goes only to the plugin's own MASTER_ADDR:MASTER_PORT
+    // (issue 10, L5): root never connects where the job environment says.
+    let master = match (contract.get("MASTER_ADDR"), contract.get("MASTER_PORT")) {
         (Some(a), Some(p)) => p
             .parse()
             .ok()
