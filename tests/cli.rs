@@ -386,3 +386,53 @@ fn a_users_flock_on_the_catalog_lock_fails_add_within_the_deadline_naming_them()
     );
     assert!(o.status.success(), "{}", text(&o));
 }
+
+/// Issue 10, L6: `prune` expires job directories (and those moved aside for
+/// a reused job id) and leaves everything else, and symlinks' targets, alone.
+#[test]
+fn prune_removes_old_job_directories_only() {
+    // Inside the test's own directory (env() makes it anew).
+    let reports = std::env::temp_dir()
+        .join(format!("mlc-cli-prune-{}", std::process::id()))
+        .join("reports");
+    let e = env(
+        "prune",
+        &format!("[failure]\nreport_dir = \"{}\"\n", reports.display()),
+    );
+    fs::create_dir_all(reports.join("17")).unwrap();
+    fs::write(reports.join("17/0.n1.json"), "{}").unwrap();
+    fs::create_dir_all(reports.join(".stale-17-1-2")).unwrap();
+    fs::write(reports.join("README"), "kept").unwrap();
+    let outside = e.dir.join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("keep"), "kept").unwrap();
+    std::os::unix::fs::symlink(&outside, reports.join("18")).unwrap();
+    let o = cli(&e, &["prune"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("0 job directories older than 30 day(s) removed"),
+        "{}",
+        text(&o)
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let o = cli(&e, &["prune", "--older-than", "0", "--dry-run"]);
+    assert!(
+        text(&o).contains("3 job directories older than 0 day(s) to remove"),
+        "{}",
+        text(&o)
+    );
+    assert!(reports.join("17/0.n1.json").exists());
+    let o = cli(&e, &["prune", "--older-than", "0"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let mut left: Vec<String> = fs::read_dir(&reports)
+        .unwrap()
+        .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["README"]);
+    assert_eq!(fs::read_to_string(outside.join("keep")).unwrap(), "kept");
+    assert_eq!(
+        cli(&e, &["prune", "--older-than", "x"]).status.code(),
+        Some(2)
+    );
+}
