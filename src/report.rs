@@ -410,12 +410,39 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// A name unique to this process on this host: report dirs may be shared
+/// by nodes (NFS), where pids repeat.
+fn unique_suffix() -> String {
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!(
+        "{}-{}",
+        jobtext::field(&host).replace('/', "_"),
+        std::process::id()
+    )
+}
+
 /// Moves `<base>/<job>` aside (I1: a reused job id never inherits it); the
 /// old directory keeps its owner and modes, `prune` removes it in time.
-fn move_aside(base: &File, job: &str) -> io::Result<()> {
-    let aside = format!("{STALE_PREFIX}{job}-{}-{}", now_secs(), std::process::id());
+/// `inspected` is the directory that was judged stale: when a concurrent
+/// writer (another node) has meanwhile replaced it by a fresh one, that one
+/// is put back. Gone already (another node moved it): fine.
+fn move_aside(dir: &Path, base: &File, job: &str, inspected: Option<(u64, u64)>) -> io::Result<()> {
+    let aside = format!("{STALE_PREFIX}{job}-{}-{}", now_secs(), unique_suffix());
     let fd = Some(base.as_raw_fd());
-    renameat2(fd, job, fd, aside.as_str(), RenameFlags::RENAME_NOREPLACE).map_err(io::Error::from)
+    match renameat2(fd, job, fd, aside.as_str(), RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    }
+    if let Some((dev, ino)) = inspected {
+        let moved = fs::symlink_metadata(dir.join(&aside))?;
+        if (moved.dev(), moved.ino()) != (dev, ino) {
+            let _ = renameat2(fd, aside.as_str(), fd, job, RenameFlags::RENAME_NOREPLACE);
+        }
+    }
+    Ok(())
 }
 
 /// The uid an owner record names.
@@ -469,16 +496,17 @@ fn job_dir_for(dir: &Path, base: &File, job: &str, uid: u32, gid: u32) -> io::Re
                     "{} belongs to an older job with the same id: moved aside",
                     job_path.display()
                 );
-                move_aside(base, job)?;
+                let m = d.metadata()?;
+                move_aside(dir, base, job, Some((m.dev(), m.ino())))?;
             }
             Err(e)
                 if e.raw_os_error() == Some(libc::ELOOP)
                     || e.raw_os_error() == Some(libc::ENOTDIR) =>
             {
-                move_aside(base, job)?;
+                move_aside(dir, base, job, None)?;
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let tmp = format!(".new-{job}-{}", std::process::id());
+                let tmp = format!(".new-{job}-{}", unique_suffix());
                 let tmp_path = dir.join(&tmp);
                 let _ = fs::remove_dir_all(&tmp_path);
                 mkdirat(
