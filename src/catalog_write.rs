@@ -227,7 +227,9 @@ pub fn lock_within(root: &Path, timeout: Duration) -> Result<Locked, WriteError>
         match lock.try_lock() {
             Ok(()) => break,
             Err(TryLockError::WouldBlock) if started.elapsed() < timeout => {
-                std::thread::sleep(Duration::from_millis(50));
+                // Short: writers hold the lock for milliseconds, and a
+                // long nap lets newer writers overtake this one.
+                std::thread::sleep(Duration::from_millis(10));
             }
             Err(TryLockError::WouldBlock) => {
                 let procs = fs::read_to_string("/proc/locks").unwrap_or_default();
