@@ -50,6 +50,10 @@ strip --strip-unneeded "$stage/usr/lib/x86_64-linux-gnu/slurm-wlm/spank_ml_conta
 install -D -m 0644 plugstack/ml-container.conf \
     "$stage/usr/share/slurm-ml-container/plugstack/ml-container.conf"
 install -D -m 0644 packaging/debian/ml-container.toml "$stage/etc/slurm/ml-container.toml"
+# Bounded logs (issue 10, L6): metrics log rotation, report expiry.
+install -D -m 0644 packaging/debian/logrotate "$stage/etc/logrotate.d/slurm-ml-container"
+install -D -m 0644 packaging/debian/tmpfiles.conf \
+    "$stage/usr/lib/tmpfiles.d/slurm-ml-container.conf"
 for m in ml-container.8 spank-ml-container.8; do
     install -D -m 0644 "packaging/man/$m" "$stage/usr/share/man/man8/$m"
     gzip -9n "$stage/usr/share/man/man8/$m"
@@ -68,7 +72,8 @@ mkdir -p "$stage/DEBIAN"
 size=$(du -sk --exclude=DEBIAN "$stage" | cut -f1)
 sed -e "s/@VERSION@/$debver/" -e "s/@SLURM@/$slurm/" -e "s/@NEXT@/$next/" \
     -e "s/@SIZE@/$size/" packaging/debian/control >"$stage/DEBIAN/control"
-echo /etc/slurm/ml-container.toml >"$stage/DEBIAN/conffiles"
+printf '%s\n' /etc/slurm/ml-container.toml /etc/logrotate.d/slurm-ml-container \
+    >"$stage/DEBIAN/conffiles"
 for s in postinst prerm postrm; do
     install -m 0755 "packaging/debian/$s" "$stage/DEBIAN/$s"
 done

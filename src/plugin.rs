@@ -178,6 +178,12 @@ struct State {
     /// A problem found on a node, reported from the task (PLATFORM.md:
     /// errors from slurmstepd's own callbacks do not reach the srun user).
     deferred: Option<String>,
+    /// On a node: the first option value that failed validation. srun
+    /// checks what it is given, but values can reach the node only through
+    /// the job environment (Slurm's `_SLURM_SPANK_OPTION_*` variables), and
+    /// slurmstepd ignores a failed option callback: the step must fail
+    /// with the message srun would have printed, not run without the option.
+    option_error: Option<String>,
     /// On a node: the image every task of this step runs, and the runtime.
     plan: Option<(Pin, Plan)>,
     /// On a node: when the step started, the OOM-kill counter then, and
@@ -200,6 +206,7 @@ impl State {
                 writable_tmpfs: false,
             },
             deferred: None,
+            option_error: None,
             plan: None,
             started_ms: 0,
             oom_at_start: None,
@@ -249,13 +256,20 @@ pub fn init(host: &mut dyn Host, args: &[String]) -> Result<(), PluginError> {
 /// anything.
 pub fn on_option(val: i32, arg: Option<&str>, remote: bool) -> Result<(), PluginError> {
     let id = OptionId::from_val(val).ok_or(PluginError::UnknownOption(val))?;
-    let result = state().options.apply(id, arg);
-    if let Err(e) = &result {
-        if remote {
+    let mut st = state();
+    let result = st.options.apply(id, arg);
+    match result {
+        Err(e) if remote => {
+            // The message is escaped (OptionError's Display) and so is the
+            // log line (the log sink).
             log::error!("option received on the node is invalid: {e}");
+            st.option_error.get_or_insert_with(|| e.to_string());
+            // Recorded for task_init, where the user's stderr is; an error
+            // returned here is only logged by slurmstepd.
+            Ok(())
         }
+        other => other.map_err(PluginError::from),
     }
-    result.map_err(PluginError::from)
 }
 
 /// `slurm_spank_init_post_opt`: the options are known; fail early if the
@@ -266,6 +280,13 @@ pub fn init_post_opt(host: &mut dyn Host) -> Result<(), PluginError> {
     fault_injection(host, "init_post_opt");
     let ctx = host.context();
     let mut st = state();
+    if ctx == Context::Remote {
+        if let Some(e) = st.option_error.clone() {
+            // Exactly the line srun prints for the same value.
+            st.deferred = Some(e);
+            return Ok(());
+        }
+    }
     if !st.options.any() {
         return Ok(());
     }
@@ -540,11 +561,13 @@ fn hostname() -> String {
 pub fn task_init(host: &mut dyn Host) -> Result<(), PluginError> {
     fault_injection(host, "task_init");
     let st = state();
-    if !st.options.any() {
-        return Ok(());
-    }
+    // Before `any()`: a bad image value leaves no option set, and the
+    // step must still fail rather than run outside the container.
     if let Some(e) = &st.deferred {
         return Err(PluginError::Node(e.clone()));
+    }
+    if !st.options.any() {
+        return Ok(());
     }
     let Some(Ok(config)) = &st.config else {
         return Ok(());
@@ -763,8 +786,11 @@ pub fn task_exit(host: &mut dyn Host) -> Result<(), PluginError> {
         *oom_at_start,
         dist,
     );
-    let gid = host.job_ids().map_or(0, |(_, g)| g);
-    match rep.write(config.failure.report_dir.as_path(), gid) {
+    let Some((uid, gid)) = host.job_ids() else {
+        log::error!("no job uid/gid from Slurm: not writing the failure report");
+        return Ok(());
+    };
+    match rep.write(config.failure.report_dir.as_path(), uid, gid) {
         Ok(path) => log::info!("failure report: {}", path.display()),
         Err(e) => log::error!(
             "cannot write the failure report under {}: {e}",
@@ -789,15 +815,17 @@ fn build_report(
     let get = |k: &str| host.getenv(k);
     // The node's share of the contract: values the user set win, RANK and
     // LOCAL_RANK are per task (see `tasks`).
-    let (environment, dist_error): (std::collections::BTreeMap<String, String>, _) = if dist {
-        match distenv::facts_for(&get, None).and_then(|f| distenv::contract(config, &f)) {
+    // The contract with MASTER_ADDR as the host name (Slurm's step node
+    // list, which slurmstepd sets over the user's environment): with
+    // `distributed.addr = "ip"` the contract would resolve it here, without
+    // a deadline; the probe resolves it within probe_timeout instead.
+    let mut by_name = config.clone();
+    by_name.distributed.addr = crate::config::AddrKind::Hostname;
+    let (contract, dist_error): (std::collections::BTreeMap<String, String>, _) = if dist {
+        match distenv::facts_for(&get, None).and_then(|f| distenv::contract(&by_name, &f)) {
             Ok(vars) => (
                 vars.into_iter()
                     .filter(|(k, _)| k != "RANK" && k != "LOCAL_RANK" && k != "NODE_RANK")
-                    .map(|(k, v)| {
-                        let v = get(&k).unwrap_or(v);
-                        (k, v)
-                    })
                     .collect(),
                 None,
             ),
@@ -806,10 +834,18 @@ fn build_report(
     } else {
         (Default::default(), None)
     };
-    let master = match (
-        environment.get("MASTER_ADDR"),
-        environment.get("MASTER_PORT"),
-    ) {
+    // What the tasks had: a value the user set wins (it is what they ran
+    // with), escaped and capped like every job string in a report.
+    let environment: std::collections::BTreeMap<String, String> = contract
+        .iter()
+        .map(|(k, v)| {
+            let v = get(k).map_or_else(|| v.clone(), |u| crate::jobtext::field(&u));
+            (k.clone(), v)
+        })
+        .collect();
+    // The probe goes only to the plugin's own MASTER_ADDR:MASTER_PORT
+    // (issue 10, L5): root never connects where the job environment says.
+    let master = match (contract.get("MASTER_ADDR"), contract.get("MASTER_PORT")) {
         (Some(a), Some(p)) => p
             .parse()
             .ok()
@@ -1062,6 +1098,32 @@ mod tests {
         init_post_opt(&mut h).unwrap();
         let e = task_init(&mut h).unwrap_err().to_string();
         assert!(e.contains("runtime.gpus"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_value_only_the_node_sees_fails_the_task_with_sruns_message() {
+        let _g = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+        let srun_says = on_option(OptionId::Gpus as i32, Some("bo\ngus"), false)
+            .unwrap_err()
+            .to_string();
+        for (id, value) in [(OptionId::Gpus, "bo\ngus"), (OptionId::Image, "demo\nFAKE")] {
+            let mut h = FakeHost::new(Context::Remote);
+            init(&mut h, &[]).unwrap();
+            on_option(id as i32, Some(value), true).unwrap();
+            init_post_opt(&mut h).unwrap();
+            let e = task_init(&mut h).unwrap_err().to_string();
+            assert!(!e.contains('\n'), "{e}");
+            if id == OptionId::Gpus {
+                assert_eq!(e, srun_says);
+            } else {
+                assert!(e.contains("invalid --ml-container='demo\\nFAKE'"), "{e}");
+            }
+        }
+        // A clean job on the next step of the same process is not affected.
+        let mut h = FakeHost::new(Context::Remote);
+        init(&mut h, &[]).unwrap();
+        init_post_opt(&mut h).unwrap();
+        task_init(&mut h).unwrap();
     }
 
     #[test]

@@ -118,7 +118,8 @@ fn a_failed_task_leaves_a_report_on_its_node_and_metrics_lines() {
     );
     assert_eq!(syslog.matches("ml-container:").count(), 1, "{syslog}");
 
-    // Readable by the job's user, writable by nobody but root.
+    // Readable by the job's user (its owner, 0400) and root, not by the
+    // job's group (issue 10); nobody but root adds to the directory.
     let ls = c.run_root(
         1,
         &[
@@ -131,7 +132,7 @@ fn a_failed_task_leaves_a_report_on_its_node_and_metrics_lines() {
     );
     assert_eq!(
         ls.assert_ok().stdout,
-        "root mluser 750\nroot mluser 640\n",
+        "root mluser 750\nmluser root 400\n",
         "{ls}"
     );
     c.run(1, &[], &["cat", &format!("{REPORTS}/1/0.n2.json")])

@@ -7,6 +7,7 @@ pub mod foundation;
 pub mod package;
 pub mod registry;
 pub mod rough_edges;
+pub mod security_outputs;
 
 /// Instantiates scenarios for both Slurm releases.
 #[macro_export]
