@@ -377,6 +377,8 @@ fn plus_in_tags_and_one_line_per_copied_image() {
             "{bad}: {t}"
         );
     }
+}
+
 /// Issue 10, L4: a user holding the catalog lock (an older install's 0644
 /// lock file, opened before the CLI closed it) makes `add` fail within its
 /// deadline, naming the holder; afterwards no user can open the lock at all.
