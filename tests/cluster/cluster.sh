@@ -119,7 +119,7 @@ NodeName=$(name "[1-$NODES]") CPUs=4 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 if [[ -f $R/usr/include/slurm/slurm_version.h ]] &&
-    grep -q 'SLURM_VERSION_NUMBER 0x18' "$R/usr/include/slurm/slurm_version.h"; then
+    ! grep -q 'SLURM_VERSION_NUMBER 0x16' "$R/usr/include/slurm/slurm_version.h"; then
     echo "CgroupPlugin=disabled" >"$R/etc/slurm/cgroup.conf"
 fi
 
