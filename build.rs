@@ -47,12 +47,15 @@ fn main() {
     let version_num =
         u32::from_str_radix(version.trim_start_matches("0x"), 16).expect("hex version number");
     println!("cargo:rustc-env=MLC_SLURM_VERSION_NUMBER={version_num}");
+    // Written as Slurm writes it: the minor with two digits (22.05, 26.05),
+    // or `ml-container doctor` compares "26.5" with a running "26.05".
     println!(
-        "cargo:rustc-env=MLC_SLURM_VERSION={}.{}.{}",
+        "cargo:rustc-env=MLC_SLURM_VERSION={}.{:02}.{}",
         version_num >> 16,
         (version_num >> 8) & 0xff,
         version_num & 0xff
     );
+    // src/hostlist.rs picks the release's hostlist rules from the number.
 
     // spank_prepend_task_argv() exists from Slurm 23.11 on. rustc links
     // cdylibs with BIND_NOW, so a plugin referencing it would not load into an
