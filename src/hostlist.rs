@@ -73,10 +73,10 @@
 //!   slurmctld to expand hostlist functions (`feature{gpu}`, slurm.conf(5)).
 //!   Only slurmctld knows their value; the node lists Slurm hands to a step
 //!   are already expanded, so the 26.05 rules refuse `{` instead of guessing.
-//! - Releases between the supported ones get the rules of the newest
-//!   supported release that is not newer ([`Rules::for_version_number`]),
-//!   except that text after brackets follows 23.11's change exactly; they
-//!   are not tested.
+//! - Releases between the supported ones ([`Rules::for_version_number`]):
+//!   before 23.11 the 22.05 rules (so 23.02 and 23.05 differ on newlines),
+//!   23.11 to 24.11 the 24.11 rules, from 25.05 on the 26.05 rules; only
+//!   22.05, 24.11 and 26.05 are tested.
 //!
 //! Conscious differences: where Slurm's answer is an accident of its C code
 //! (strtoul quirks, a crash, a saturated number, a bracket silently turned
