@@ -9,12 +9,14 @@ use crate::harness::{images, Cluster, Options, Slurm, HOME, REGISTRY};
 use slurm_ml_container::integrity::sha256_file;
 
 crate::on_slurm_24_11!(
-    images_run_by_name_tag_alias_scan_and_path,
-    escapes_are_refused_in_srun_before_any_node_runs,
-    catalog_rewritten_mid_launch_runs_the_pinned_image,
     truncated_image_refused_under_quick,
     flipped_byte_refused_under_full_and_hash_cached,
     untrusted_catalog_refused,
+);
+crate::on_apptainer_slurms!(
+    images_run_by_name_tag_alias_scan_and_path,
+    escapes_are_refused_in_srun_before_any_node_runs,
+    catalog_rewritten_mid_launch_runs_the_pinned_image,
 );
 
 const CATALOG: &str = "/opt/containers/.registry/catalog.toml";
@@ -39,7 +41,7 @@ fn entry(name: &str, tag: &str, path: &str, extra: &str) -> String {
     format!("[[image]]\nname = \"{name}\"\ntag = \"{tag}\"\npath = \"{path}\"\n{extra}\n")
 }
 
-fn images_run_by_name_tag_alias_scan_and_path() {
+fn images_run_by_name_tag_alias_scan_and_path(slurm: Slurm) {
     let img = images(&["a1", "a2", "b1", "scan", "direct"]);
     let catalog = format!(
         "version = 1\n{}{}{}",
@@ -63,7 +65,7 @@ fn images_run_by_name_tag_alias_scan_and_path() {
         ),
     );
     let c = Cluster::start_with(
-        Slurm::V24_11,
+        slurm,
         Options::default()
             .copy(&img["a1"], "/opt/containers/ml-frameworks/a1.sif")
             .copy(&img["a2"], "/opt/containers/ml-frameworks/a2.sif")
@@ -107,10 +109,10 @@ fn images_run_by_name_tag_alias_scan_and_path() {
     assert!(r.stderr.contains("ml-container list"), "{r}");
 }
 
-fn escapes_are_refused_in_srun_before_any_node_runs() {
+fn escapes_are_refused_in_srun_before_any_node_runs(slurm: Slurm) {
     let img = images(&["a1"]);
     let c = Cluster::start_with(
-        Slurm::V24_11,
+        slurm,
         Options::default()
             .copy(&img["a1"], "/opt/containers/ml-frameworks/a1.sif")
             .copy(&img["a1"], "/srv/elsewhere/evil.sif"),
@@ -154,7 +156,7 @@ fn escapes_are_refused_in_srun_before_any_node_runs() {
     assert_eq!(r.assert_ok().stdout.trim(), "1", "{r}");
 }
 
-fn catalog_rewritten_mid_launch_runs_the_pinned_image() {
+fn catalog_rewritten_mid_launch_runs_the_pinned_image(slurm: Slurm) {
     let img = images(&["a1", "a2"]);
     let first = format!(
         "version = 1\n{}{}",
@@ -162,7 +164,7 @@ fn catalog_rewritten_mid_launch_runs_the_pinned_image() {
         entry("alpha", "2", "ml-frameworks/a2.sif", "default = true"),
     );
     let c = Cluster::start_with(
-        Slurm::V24_11,
+        slurm,
         Options::default()
             .copy(&img["a1"], "/opt/containers/ml-frameworks/a1.sif")
             .copy(&img["a2"], "/opt/containers/ml-frameworks/a2.sif")
