@@ -517,25 +517,23 @@ impl Cluster {
                 fs::set_permissions(&dest, fs::Permissions::from_mode(0o755)).expect("chmod");
             }
         }
-        // The CLI and the pre-23.11 launcher, as the package installs them.
-        let tools: &[(&str, &str)] = if opts.install_plugin {
-            &[
+        // The CLI (built for this cluster's release: its hostlist rules are
+        // that release's) and the launcher, as the package installs them.
+        let tools: Vec<(PathBuf, &str)> = if opts.install_plugin {
+            vec![
+                (cli(slurm), "/usr/local/bin/ml-container"),
                 (
-                    env!("CARGO_BIN_EXE_ml-container"),
-                    "/usr/local/bin/ml-container",
-                ),
-                (
-                    env!("CARGO_BIN_EXE_ml-container-launch"),
+                    PathBuf::from(env!("CARGO_BIN_EXE_ml-container-launch")),
                     "/usr/libexec/slurm-ml-container/ml-container-launch",
                 ),
             ]
         } else {
-            &[]
+            Vec::new()
         };
-        for &(host, inside) in tools {
+        for (host, inside) in &tools {
             let dest = stage.join(inside.trim_start_matches('/'));
             fs::create_dir_all(dest.parent().expect("parent")).expect("stage dir");
-            fs::copy(host, &dest).unwrap_or_else(|e| panic!("stage {host}: {e}"));
+            fs::copy(host, &dest).unwrap_or_else(|e| panic!("stage {}: {e}", host.display()));
             fs::set_permissions(&dest, fs::Permissions::from_mode(0o755)).expect("chmod");
         }
         for (host, inside) in &opts.copies {

@@ -6,9 +6,9 @@ pub mod failure;
 pub mod foundation;
 pub mod package;
 pub mod registry;
+pub mod releases;
 pub mod rough_edges;
 pub mod security_outputs;
-pub mod releases;
 
 /// Instantiates scenarios for every supported Slurm release.
 #[macro_export]
