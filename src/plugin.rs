@@ -487,16 +487,19 @@ fn job_user_name(host: &dyn Host) -> String {
 
 /// Whether the job's user can open `path` for reading, asked as the user
 /// (the one safe open: a FIFO or a symlink is refused without blocking).
+/// A file that is not a regular one passes here: root's own safe open
+/// refuses it next, with the message that says so.
 fn user_may_read(host: &dyn Host, path: &Path) -> std::io::Result<()> {
     let path = path.to_path_buf();
     let mut outcome = Err(std::io::Error::other(
         "the check as the job's user did not run",
     ));
     host.as_job_user(&mut || {
-        outcome = secure::open_regular(&path).map(drop).map_err(|e| match e {
-            secure::TrustError::Io { source, .. } => source,
-            other => std::io::Error::other(other.to_string()),
-        });
+        outcome = match secure::open_regular(&path) {
+            Ok(_) | Err(secure::TrustError::NotRegular { .. }) => Ok(()),
+            Err(secure::TrustError::Io { source, .. }) => Err(source),
+            Err(other) => Err(std::io::Error::other(other.to_string())),
+        };
     })
     .map_err(|e| std::io::Error::other(format!("cannot act as the job's user: {e}")))?;
     outcome

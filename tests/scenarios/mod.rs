@@ -6,6 +6,7 @@ pub mod failure;
 pub mod foundation;
 pub mod package;
 pub mod registry;
+pub mod security;
 
 /// Instantiates scenarios for both Slurm releases.
 #[macro_export]
