@@ -115,3 +115,58 @@ impl CancelWatch {
         gone
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn groups_line() -> String {
+        std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("Groups:"))
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// The kernel answers the thread as it would answer the user, groups
+    /// included, and no other thread's identity changes.
+    #[test]
+    fn a_user_thread_sees_what_the_user_sees_and_nothing_leaks_back() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("mlc-creds-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "x").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let shared = dir.join("shared");
+        std::fs::write(&shared, "x").unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o640)).unwrap();
+        std::os::unix::fs::chown(&shared, Some(0), Some(4242)).unwrap();
+        let before = groups_line();
+
+        let open_as = |groups: &[u32], path: &std::path::Path| {
+            let mut out = None;
+            on_user_thread(65534, 65534, groups, &mut || {
+                out = Some(std::fs::File::open(path).map(drop));
+            })
+            .unwrap();
+            out.unwrap()
+        };
+        let e = open_as(&[], &secret).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        assert!(open_as(&[], &shared).is_err());
+        open_as(&[4242], &shared).unwrap();
+
+        // This thread and the process are still root with their groups.
+        std::fs::File::open(&secret).unwrap();
+        assert_eq!(groups_line(), before);
+        assert_eq!(setfsuid(Uid::from_raw(0)).as_raw(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -17,6 +17,8 @@ crate::on_slurm_24_11!(
     scancel_during_a_full_hash_frees_the_node,
     the_report_is_no_bind_source_existence_oracle,
     root_only_registry_files_leak_nothing,
+    the_hash_cache_trusts_only_roots_own_entries,
+    an_untrusted_site_config_is_refused_on_the_nodes,
 );
 
 const CATALOG: &str = "/opt/containers/.registry/catalog.toml";
@@ -590,4 +592,144 @@ fn root_only_registry_files_leak_nothing() {
             "a log holds a root-only sum {f}"
         );
     }
+}
+
+/// The hash-cache entry name of a file, as the plugin computes it (device,
+/// inode, size, mtime and ctime with nanoseconds).
+fn cache_key(c: &Cluster, inside: &str) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(c.path(inside)).unwrap();
+    format!(
+        "{}-{}-{}-{}.{}-{}.{}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    )
+}
+
+/// Regression guard (held before issue 10, must keep holding): an entry
+/// that claims a wrong image's sum is believed only when root wrote it;
+/// one owned by a user, or a symlink to a root-owned file, is ignored and
+/// the image is hashed (and refused).
+fn the_hash_cache_trusts_only_roots_own_entries() {
+    let img = images(&["a1"]);
+    let good = slurm_ml_container::integrity::sha256_file(&img["a1"]).unwrap();
+    let mut data = std::fs::read(&img["a1"]).unwrap();
+    let mid = data.len() / 2;
+    data[mid] ^= 0xff;
+    let flipped = std::env::temp_dir().join(format!("mlc-sec-flip-{}.sif", std::process::id()));
+    std::fs::write(&flipped, &data).unwrap();
+    let c = Cluster::start_with(
+        Slurm::V24_11,
+        Options::default()
+            .copy(&flipped, "/opt/containers/ml-frameworks/flipped.sif")
+            .file(
+                CATALOG,
+                &format!(
+                    "version = 1\n{}",
+                    entry(
+                        "flipped",
+                        "1",
+                        "ml-frameworks/flipped.sif",
+                        &format!("sha256 = \"{good}\"")
+                    )
+                ),
+            )
+            .file(CONFIG, "[registry]\nverify = \"full\"\n"),
+    );
+    let _ = std::fs::remove_file(&flipped);
+    let key = cache_key(&c, "/opt/containers/ml-frameworks/flipped.sif");
+    let dir = "/var/cache/slurm-ml-container/sha256";
+    let entry_path = format!("{dir}/{key}");
+    let run = || {
+        c.srun(&[
+            "-N1",
+            "-w",
+            "n1",
+            "--ml-container=flipped",
+            "/bin/cat",
+            "/MARKER",
+        ])
+    };
+    let plant = |script: &str| {
+        c.run_root(
+            1,
+            &[
+                "sh",
+                "-c",
+                &format!("mkdir -p {dir} && chmod 755 {dir} && rm -f {entry_path} && {script}"),
+            ],
+        )
+        .assert_ok();
+    };
+    // A user's entry (as if a careless admin let users write there).
+    plant(&format!(
+        "echo {good} > {entry_path} && chown {USER} {entry_path}"
+    ));
+    let r = run();
+    r.assert_failed();
+    assert!(r.stderr.contains("corrupted or was replaced"), "{r}");
+    // A symlink to a root-owned file that holds the good sum.
+    plant(&format!(
+        "echo {good} > /root/sum && ln -s /root/sum {entry_path}"
+    ));
+    let r = run();
+    r.assert_failed();
+    assert!(r.stderr.contains("corrupted or was replaced"), "{r}");
+    // Root's own entry is believed: the key above is the plugin's, so the
+    // two refusals were refusals of the entries, not misses.
+    plant(&format!(
+        "echo {good} > {entry_path} && chmod 644 {entry_path}"
+    ));
+    let r = run();
+    assert_eq!(r.assert_ok().stdout.trim(), "a1", "{r}");
+}
+
+/// I4: slurmstepd (root) reads the site config only when root alone can
+/// change it; the user sees why, with the fix.
+fn an_untrusted_site_config_is_refused_on_the_nodes() {
+    let img = images(&["a1"]);
+    let c = Cluster::start_with(
+        Slurm::V24_11,
+        Options::default()
+            .copy(&img["a1"], "/opt/containers/ml-frameworks/a1.sif")
+            .file(
+                CATALOG,
+                &format!(
+                    "version = 1\n{}",
+                    entry("alpha", "1", "ml-frameworks/a1.sif", "")
+                ),
+            )
+            .file(CONFIG, "[runtime]\ngpus = \"off\"\n"),
+    );
+    let r = c.srun(&["-N2", "--ml-container=alpha", "/bin/cat", "/MARKER"]);
+    assert_eq!(
+        r.assert_ok().stdout.lines().collect::<Vec<_>>(),
+        ["a1", "a1"],
+        "{r}"
+    );
+    c.run_root(1, &["chmod", "0666", CONFIG]).assert_ok();
+    let r = c.srun(&["-N2", "--ml-container=alpha", "/bin/cat", "/MARKER"]);
+    r.assert_failed();
+    assert!(!r.stdout.contains("a1"), "{r}");
+    assert!(r.stderr.contains("refusing the site config"), "{r}");
+    assert!(r.stderr.contains("writable by group or others"), "{r}");
+    assert!(r.stderr.contains("chmod go-w it"), "{r}");
+    c.run_root(
+        1,
+        &[
+            "sh",
+            "-c",
+            &format!("chmod 0644 {CONFIG} && chown {USER} {CONFIG}"),
+        ],
+    )
+    .assert_ok();
+    let r = c.srun(&["-N2", "--ml-container=alpha", "/bin/cat", "/MARKER"]);
+    r.assert_failed();
+    assert!(r.stderr.contains("not by a trusted owner"), "{r}");
+    assert!(r.stderr.contains("chown it"), "{r}");
 }
