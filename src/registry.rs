@@ -343,6 +343,15 @@ impl fmt::Debug for UserCheck<'_> {
     }
 }
 
+/// This process's user name (the uid when it has none).
+fn this_user() -> String {
+    let uid = nix::unistd::geteuid();
+    nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map_or_else(|| format!("uid {uid}"), |u| u.name)
+}
+
 fn has_control(s: &str) -> bool {
     s.chars().any(char::is_control)
 }
@@ -570,6 +579,15 @@ impl<'a> Registry<'a> {
                 reference: reference.to_string(),
                 path: real.clone(),
             },
+            // srun and the CLI run as the user: say so, with the fix, rather
+            // than suggest a stale catalog.
+            TrustError::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
+                RegistryError::UserCannotRead {
+                    path: real.clone(),
+                    user: user.map_or_else(this_user, |u| u.user.clone()),
+                    source,
+                }
+            }
             TrustError::Io { source, .. } => RegistryError::Missing {
                 reference: reference.to_string(),
                 path: real.clone(),
