@@ -328,10 +328,11 @@ fn cache_key(m: &fs::Metadata) -> String {
 /// The sum this node found for the file with `key`, if it hashed it.
 fn cached_sum(dir: &Path, key: &str) -> Option<String> {
     let path = dir.join(key);
-    // Only trust entries root wrote: a regular file, owned by root, not
-    // writable by others, in a root-owned directory; opened the one safe
-    // way and read from that fd.
-    match secure::read_trusted(&path, &[0], 128).ok()? {
+    // Only trust entries root wrote: a regular file right there (not a
+    // symlink, even to a root-owned file), owned by root, not writable by
+    // others, in a root-owned directory; opened the one safe way and read
+    // from that fd.
+    match secure::read_trusted_here(&path, &[0], 128).ok()? {
         secure::ReadText::Text(text) => {
             let sum = text.trim();
             crate::registry::is_sha256_hex(sum).then(|| sum.to_string())

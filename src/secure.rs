@@ -141,8 +141,16 @@ pub fn open_trusted(path: &Path, trusted: &[u32]) -> Result<(File, Metadata), Tr
         path: path.to_path_buf(),
         source,
     })?;
-    let (file, meta) = open_regular(&real)?;
-    check_owner_mode(&real, meta.uid(), meta.mode(), trusted)?;
+    open_trusted_here(&real, trusted)
+}
+
+/// [`open_trusted`] without resolving symlinks first: the file must be
+/// right at `path` (a symlink there is refused), as root's own files are
+/// (the hash cache's entries, written by [`replace_file`]).
+pub fn open_trusted_here(path: &Path, trusted: &[u32]) -> Result<(File, Metadata), TrustError> {
+    let real = path;
+    let (file, meta) = open_regular(real)?;
+    check_owner_mode(real, meta.uid(), meta.mode(), trusted)?;
     if let Some(dir) = real.parent() {
         let dmeta = fs::metadata(dir).map_err(|source| TrustError::Io {
             path: dir.to_path_buf(),
@@ -160,6 +168,13 @@ pub fn open_trusted(path: &Path, trusted: &[u32]) -> Result<(File, Metadata), Tr
 /// fd [`open_trusted`] checked. `Ok(None)` when the file is larger.
 pub fn read_trusted(path: &Path, trusted: &[u32], max: u64) -> Result<ReadText, TrustError> {
     let (file, meta) = open_trusted(path, trusted)?;
+    read_limited(file, &meta, path, max)
+}
+
+/// [`read_trusted`] of a file that must be right at `path`, not behind a
+/// symlink ([`open_trusted_here`]).
+pub fn read_trusted_here(path: &Path, trusted: &[u32], max: u64) -> Result<ReadText, TrustError> {
+    let (file, meta) = open_trusted_here(path, trusted)?;
     read_limited(file, &meta, path, max)
 }
 

@@ -19,6 +19,7 @@ crate::on_slurm_24_11!(
     root_only_registry_files_leak_nothing,
     the_hash_cache_trusts_only_roots_own_entries,
     an_untrusted_site_config_is_refused_on_the_nodes,
+    the_nodes_resolve_when_srun_cannot_read_the_registry,
 );
 
 const CATALOG: &str = "/opt/containers/.registry/catalog.toml";
@@ -681,12 +682,24 @@ fn the_hash_cache_trusts_only_roots_own_entries() {
     r.assert_failed();
     assert!(r.stderr.contains("corrupted or was replaced"), "{r}");
     // Root's own entry is believed: the key above is the plugin's, so the
-    // two refusals were refusals of the entries, not misses.
+    // two refusals were refusals of the entries, not misses. (The damaged
+    // image then reaches Apptainer, which fails on it: that is what a
+    // root-written lie costs.)
     plant(&format!(
         "echo {good} > {entry_path} && chmod 644 {entry_path}"
     ));
     let r = run();
-    assert_eq!(r.assert_ok().stdout.trim(), "a1", "{r}");
+    assert!(!r.stderr.contains("corrupted or was replaced"), "{r}");
+    let log = c.slurmd_log(1);
+    let verdicts: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("image flipped:1 = "))
+        .collect();
+    assert_eq!(verdicts.len(), 1, "{log}");
+    assert!(
+        verdicts[0].contains("sha256 (cached on this node)"),
+        "{log}"
+    );
 }
 
 /// I4: slurmstepd (root) reads the site config only when root alone can
@@ -732,4 +745,55 @@ fn an_untrusted_site_config_is_refused_on_the_nodes() {
     r.assert_failed();
     assert!(r.stderr.contains("not by a trusted owner"), "{r}");
     assert!(r.stderr.contains("chown it"), "{r}");
+}
+
+/// Without a pin (srun could not read the registry: here it lives in n2's
+/// own /tmp, which srun on n1 does not have), a node resolves the image
+/// itself, from its own catalog.
+fn the_nodes_resolve_when_srun_cannot_read_the_registry() {
+    use std::os::unix::fs::PermissionsExt;
+    let img = images(&["a1"]);
+    let c = Cluster::start_with(
+        Slurm::V24_11,
+        Options::default().file(CONFIG, "[registry]\nroot = \"/tmp/registry\"\n"),
+    );
+    let root = c.path_on(2, "/tmp/registry");
+    for d in ["ml-frameworks", ".registry"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    for d in [
+        root.clone(),
+        root.join("ml-frameworks"),
+        root.join(".registry"),
+    ] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::copy(&img["a1"], root.join("ml-frameworks/a1.sif")).unwrap();
+    std::fs::set_permissions(
+        root.join("ml-frameworks/a1.sif"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    std::fs::write(
+        root.join(".registry/catalog.toml"),
+        format!(
+            "version = 1\n{}",
+            entry("alpha", "1", "ml-frameworks/a1.sif", "")
+        ),
+    )
+    .unwrap();
+    assert!(!c.path_on(1, "/tmp/registry").exists());
+    let r = c.srun(&[
+        "-N1",
+        "-w",
+        "n2",
+        "--ml-container=alpha",
+        "/bin/cat",
+        "/MARKER",
+    ]);
+    assert_eq!(r.assert_ok().stdout.trim(), "a1", "{r}");
+    // n1 has no registry either: the step fails there, saying so.
+    let r = c.srun(&["-N1", "-w", "n1", "--ml-container=alpha", "/bin/true"]);
+    r.assert_failed();
+    assert!(r.stderr.contains("is not available here"), "{r}");
 }
