@@ -251,8 +251,9 @@ fn a_fifo_swapped_in_for_an_image_never_blocks_a_node() {
 
 /// M1. `ML_CONTAINER_PIN` and Slurm's option variable set by hand in the
 /// job environment: srun sees no option and leaves the pin alone, so the
-/// nodes get the forged pin. It used to run a withdrawn image under a
-/// catalog name and put the forged name into the logs.
+/// nodes get the forged pin. It used to run a withdrawn image (still under
+/// the registry root, but in no catalog entry and no search directory)
+/// under a catalog name, hash it, and put the forged name into the logs.
 fn a_forged_pin_is_never_believed() {
     let img = images(&["tiny", "withdrawn"]);
     let tiny_sum = slurm_ml_container::integrity::sha256_file(&img["tiny"]).unwrap();
@@ -262,7 +263,7 @@ fn a_forged_pin_is_never_believed() {
         Slurm::V24_11,
         Options::default()
             .copy(&img["tiny"], "/opt/containers/ml-frameworks/tiny.sif")
-            .copy(&img["withdrawn"], "/srv/withdrawn/old.sif")
+            .copy(&img["withdrawn"], "/opt/containers/withdrawn/old.sif")
             .file(
                 CATALOG,
                 &format!(
@@ -280,7 +281,7 @@ fn a_forged_pin_is_never_believed() {
     let pin = |name: &str| {
         format!(
             "reference = \"tiny\"\nsource = \"catalog\"\nname = \"{name}\"\ntag = \"1.0\"\n\
-             path = \"/srv/withdrawn/old.sif\"\nsize = {withdrawn_size}\n\
+             path = \"/opt/containers/withdrawn/old.sif\"\nsize = {withdrawn_size}\n\
              sha256 = \"{withdrawn_sum}\"\n"
         )
     };
@@ -320,7 +321,7 @@ fn a_forged_pin_is_never_believed() {
 
     let logs = all_logs(&c);
     // Root never read nor hashed the file outside the catalog...
-    assert!(!logs.contains("/srv/withdrawn"), "{logs}");
+    assert!(!logs.contains("/opt/containers/withdrawn"), "{logs}");
     assert!(!logs.contains(&withdrawn_sum), "{logs}");
     // ... and the only hash on each node was the catalog image's.
     for node in 1..=2 {
