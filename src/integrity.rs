@@ -68,7 +68,7 @@ impl fmt::Display for IntegrityError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             IntegrityError::Open { path, source } => {
-                write!(f, "cannot read image {}: {source}", path.display())
+                write!(f, "cannot read image {}: {source}", shown(path))
             }
             IntegrityError::Size {
                 path,
@@ -78,14 +78,10 @@ impl fmt::Display for IntegrityError {
                 f,
                 "image {} is {actual} bytes, the catalog says {expected}: truncated or replaced; \
                  re-copy it or update the catalog with 'ml-container add'",
-                path.display()
+                shown(path)
             ),
             IntegrityError::Structure { path, source } => {
-                write!(
-                    f,
-                    "image {} is not a sound SIF file: {source}",
-                    path.display()
-                )
+                write!(f, "image {} is not a sound SIF file: {source}", shown(path))
             }
             IntegrityError::Squashfs {
                 path,
@@ -95,13 +91,13 @@ impl fmt::Display for IntegrityError {
                 f,
                 "squashfs image {} claims {bytes_used} bytes but the file has {len}: truncated; \
                  re-copy it",
-                path.display()
+                shown(path)
             ),
             IntegrityError::NoChecksum { path, image } => write!(
                 f,
                 "verify = \"full\" but the catalog has no sha256 for {image} ({}): add one with \
                  'ml-container add'",
-                path.display()
+                shown(path)
             ),
             IntegrityError::Checksum {
                 path,
@@ -111,19 +107,25 @@ impl fmt::Display for IntegrityError {
                 f,
                 "image {} has sha256 {actual}, the catalog says {expected}: the file is \
                  corrupted or was replaced; re-copy it",
-                path.display()
+                shown(path)
             ),
             IntegrityError::Cancelled { path } => write!(
                 f,
                 "the step was cancelled while image {} was being verified; submit it again if \
                  that was not meant",
-                path.display()
+                shown(path)
             ),
         }
     }
 }
 
 impl std::error::Error for IntegrityError {}
+
+/// A path for a message that reaches logs: a user may name files in an
+/// allowed directory, so it is escaped and capped like any job string.
+fn shown(path: &Path) -> String {
+    crate::registry::escaped(&path.to_string_lossy())
+}
 
 /// What a verification did, for the log.
 #[derive(Debug, Clone, PartialEq, Eq)]

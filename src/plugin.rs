@@ -440,7 +440,7 @@ fn prepare_on_node(
     log::info!(
         "image {} = {} verified: {}",
         registry::escaped(&pin.display_name()),
-        pin.path.display(),
+        registry::escaped(&pin.path.to_string_lossy()),
         match how {
             Verified::Quick => "size and SIF structure".to_string(),
             Verified::Cached => "sha256 (cached on this node)".to_string(),

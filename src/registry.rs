@@ -364,7 +364,7 @@ pub fn is_sha256_hex(s: &str) -> bool {
 
 /// A string from a job, safe for one log line: escaped and capped.
 pub fn escaped(s: &str) -> String {
-    const CAP: usize = 256;
+    const CAP: usize = 512;
     let mut out: String = s.chars().take(CAP).flat_map(char::escape_default).collect();
     if s.chars().nth(CAP).is_some() {
         out.push_str("...");
