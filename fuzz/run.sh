@@ -102,6 +102,20 @@ seed_options() {
     printf '\x00demo\nFORGED line' >"$1/newline"
 }
 
+# Seed for the pin target: a pin as srun writes it (ML_CONTAINER_PIN).
+seed_pin() {
+    cat >"$1/pin.toml" <<'TOML'
+reference = "pytorch"
+source = "catalog"
+name = "pytorch"
+tag = "2.1"
+path = "/opt/containers/ml-frameworks/pytorch-2.1.sif"
+size = 1114112
+catalog_size = 1114112
+sha256 = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+TOML
+}
+
 cd "$here"
 corpus=corpus/$target
 mkdir -p "$corpus"

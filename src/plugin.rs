@@ -17,8 +17,9 @@ use crate::integrity::{self, IntegrityError, Verified};
 use crate::launch::{self, LaunchError, Plan};
 use crate::options::{OptionError, OptionId, OptionSpec, UserOptions, OPTIONS};
 use crate::probe;
-use crate::registry::{Pin, Registry, RegistryError, PIN_ENV};
+use crate::registry::{self, Opened, Pin, Registry, RegistryError, UserCheck, PIN_ENV};
 use crate::report::{self, ImageInfo, NodeState, Report, TaskOutcome};
+use crate::secure;
 
 /// spank_context_t, as far as the plugin cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,6 +96,21 @@ pub trait Host {
     fn local_task_count(&self) -> Option<u32>;
     /// The job's uid and gid.
     fn job_ids(&self) -> Option<(u32, u32)>;
+    /// On a node: whether the job was cancelled (scancel) while the plugin
+    /// works, asked between chunks of long work (hashing an image); it
+    /// rate-limits itself. Slurm sends slurmstepd no signal before the
+    /// tasks exist, so this asks the controller. Default: never.
+    fn cancelled(&self) -> bool {
+        false
+    }
+    /// Runs `f` on a thread whose file-system identity is the job's user
+    /// (fsuid, fsgid and supplementary groups), so that root in slurmstepd
+    /// asks "may the user read this" as the user and learns nothing the
+    /// user could not. Default (srun, tests: already the user): in place.
+    fn as_job_user(&self, f: &mut (dyn FnMut() + Send)) -> Result<(), HostError> {
+        f();
+        Ok(())
+    }
 }
 
 /// Why a callback fails the job. `Display` is the one line the user sees.
@@ -365,8 +381,12 @@ fn resolve_in_srun(
         }
         Err(e) => return Err(e.into()),
     };
-    let resolved = registry.resolve(image)?;
-    integrity::quick(&resolved.path, resolved.catalog_size)?;
+    let Opened {
+        pin: resolved,
+        mut file,
+        meta,
+    } = registry.resolve_open(image, None)?;
+    integrity::quick_file(&mut file, &meta, &resolved.path, resolved.catalog_size)?;
     log::debug!(
         "image '{image}' is {} ({} bytes)",
         resolved.path.display(),
@@ -407,7 +427,10 @@ fn recorded_srun_argv(host: &dyn Host) -> Vec<String> {
 }
 
 /// On a node, as root: the image this step runs, verified, and how to run
-/// each task in it.
+/// each task in it. The image is resolved here, from the catalog this node
+/// reads; srun's pin (the job environment, which the user controls) may
+/// only confirm it. The user's right to read the image is asked as the
+/// user before root opens it; the hash stops when the job is cancelled.
 fn prepare_on_node(
     host: &dyn Host,
     config: &SiteConfig,
@@ -415,29 +438,28 @@ fn prepare_on_node(
 ) -> Result<(Pin, Plan), PluginError> {
     let image = opts.image.as_deref().ok_or(PluginError::NoImage)?;
     let registry = Registry::open(&config.registry)?;
-    let pin = match host.getenv(PIN_ENV) {
-        Some(text) => {
-            let pin = Pin::decode(&text)?;
-            if pin.reference != image {
-                return Err(RegistryError::BadPin {
-                    reason: format!("it is for '{}', the step asks for '{image}'", pin.reference),
-                }
-                .into());
-            }
-            registry.check_pin(&pin)?;
-            pin
-        }
-        None => registry.resolve(image)?,
+    let may_read = |path: &Path| user_may_read(host, path);
+    let check = UserCheck {
+        user: job_user_name(host),
+        may_read: &may_read,
     };
+    let opened = registry.resolve_open(image, Some(&check))?;
+    if let Some(text) = host.getenv(PIN_ENV) {
+        opened.pin.confirms(&Pin::decode(&text)?)?;
+    }
+    let Opened { pin, file, meta } = opened;
     let how = integrity::verify(
         &pin,
+        file,
+        &meta,
         registry.verify_level(),
         Some(config.registry.hash_cache.as_path()),
+        &|| host.cancelled(),
     )?;
     log::info!(
         "image {} = {} verified: {}",
-        pin.display_name(),
-        pin.path.display(),
+        registry::escaped(&pin.display_name()),
+        registry::escaped(&pin.path.to_string_lossy()),
         match how {
             Verified::Quick => "size and SIF structure".to_string(),
             Verified::Cached => "sha256 (cached on this node)".to_string(),
@@ -470,6 +492,55 @@ fn prepare_on_node(
         quiet: config.runtime.quiet,
     };
     Ok((pin, plan))
+}
+
+/// The job's user name for messages (the uid when it has none).
+fn job_user_name(host: &dyn Host) -> String {
+    match host.job_ids() {
+        Some((uid, _)) => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map_or_else(|| format!("uid {uid}"), |u| u.name),
+        None => "?".to_string(),
+    }
+}
+
+/// Whether the job's user can open `path` for reading, asked as the user
+/// (the one safe open: a FIFO or a symlink is refused without blocking).
+/// A file that is not a regular one passes here: root's own safe open
+/// refuses it next, with the message that says so.
+fn user_may_read(host: &dyn Host, path: &Path) -> std::io::Result<()> {
+    let path = path.to_path_buf();
+    let mut outcome = Err(std::io::Error::other(
+        "the check as the job's user did not run",
+    ));
+    host.as_job_user(&mut || {
+        outcome = match secure::open_regular(&path) {
+            Ok(_) | Err(secure::TrustError::NotRegular { .. }) => Ok(()),
+            Err(secure::TrustError::Io { source, .. }) => Err(source),
+            Err(other) => Err(std::io::Error::other(other.to_string())),
+        };
+    })
+    .map_err(|e| std::io::Error::other(format!("cannot act as the job's user: {e}")))?;
+    outcome
+}
+
+/// Bind sources the job's user cannot see, asked as the user: root's own
+/// answer would tell the user whether a path they cannot see exists. When
+/// the check cannot run as the user, nothing is reported.
+fn missing_as_user(host: &dyn Host, binds: &[crate::options::Mount]) -> Vec<std::path::PathBuf> {
+    let sources: Vec<std::path::PathBuf> = binds.iter().map(|b| b.src.clone()).collect();
+    let mut missing = Vec::new();
+    let asked = host.as_job_user(&mut || {
+        missing = sources.iter().filter(|p| !p.exists()).cloned().collect();
+    });
+    match asked {
+        Ok(()) => missing,
+        Err(e) => {
+            log::warn!("cannot check bind sources as the job's user: {e}");
+            Vec::new()
+        }
+    }
 }
 
 /// The prefix that makes Apptainer/Singularity put a variable into the
@@ -672,7 +743,10 @@ fn check_as_user(plan: &Plan, node: &str) -> Result<(), PluginError> {
             plan.runtime.display()
         ));
     }
-    if let Err(e) = std::fs::File::open(&plan.image) {
+    // The one safe open, here as the user: a path swapped for a FIFO or a
+    // symlink since slurmstepd verified it fails at once instead of
+    // blocking the task.
+    if let Err(e) = secure::open_regular(&plan.image) {
         return fail(format!(
             "cannot read image {}: {e}; ask the admins to make it readable (chmod o+r)",
             plan.image.display()
@@ -897,7 +971,6 @@ fn build_report(
         issues_found: Vec::new(),
         recommendations: Vec::new(),
     };
-    use std::os::unix::fs::PermissionsExt;
     let ctx = report::Context {
         runtime_is_apptainer: matches!(
             plan.kind,
@@ -910,14 +983,9 @@ fn build_report(
                 .iter()
                 .any(|k| get(k).is_some())
             || get("SLURM_TRES_PER_TASK").is_some_and(|v| v.contains("gpu")),
-        image_readable_by_others: std::fs::metadata(&pin.path)
-            .is_ok_and(|m| m.permissions().mode() & 0o004 != 0),
-        missing_bind_sources: plan
-            .binds
-            .iter()
-            .filter(|b| !b.src.exists())
-            .map(|b| b.src.clone())
-            .collect(),
+        // From the fstat of the fd that was verified: no path lookup as root.
+        image_readable_by_others: pin.mode.is_some_and(|m| m & 0o004 != 0),
+        missing_bind_sources: missing_as_user(host, &plan.binds),
     };
     rep.analyze(&ctx);
     rep

@@ -8,6 +8,7 @@ pub mod package;
 pub mod registry;
 pub mod releases;
 pub mod rough_edges;
+pub mod security;
 pub mod security_outputs;
 
 /// Instantiates scenarios for every supported Slurm release.
