@@ -15,7 +15,6 @@ use std::path::PathBuf;
 fn main() {
     println!("cargo:rerun-if-env-changed=SLURM_INCLUDE_DIR");
     println!("cargo:rerun-if-changed=include/wrapper.h");
-    println!("cargo:rustc-check-cfg=cfg(has_prepend_task_argv)");
 
     let include = env::var_os("SLURM_INCLUDE_DIR")
         .map(PathBuf::from)
@@ -47,20 +46,20 @@ fn main() {
     let version_num =
         u32::from_str_radix(version.trim_start_matches("0x"), 16).expect("hex version number");
     println!("cargo:rustc-env=MLC_SLURM_VERSION_NUMBER={version_num}");
+    // Written as Slurm writes it: the minor with two digits (22.05, 26.05),
+    // or `ml-container doctor` compares "26.5" with a running "26.05".
     println!(
-        "cargo:rustc-env=MLC_SLURM_VERSION={}.{}.{}",
+        "cargo:rustc-env=MLC_SLURM_VERSION={}.{:02}.{}",
         version_num >> 16,
         (version_num >> 8) & 0xff,
         version_num & 0xff
     );
+    // src/hostlist.rs picks the release's hostlist rules from the number.
 
-    // spank_prepend_task_argv() exists from Slurm 23.11 on. rustc links
-    // cdylibs with BIND_NOW, so a plugin referencing it would not load into an
-    // older Slurm: only reference it when the headers declare it.
-    let spank_text = fs::read_to_string(&spank_h).expect("read spank.h");
-    if spank_text.contains("spank_prepend_task_argv") {
-        println!("cargo:rustc-cfg=has_prepend_task_argv");
-    }
+    // rustc links cdylibs with BIND_NOW: every function the plugin calls
+    // must exist in the oldest Slurm it is built for. No call is made to
+    // what only newer headers declare (spank_prepend_task_argv, 23.11+, is
+    // not used: every task runs under ml-container-launch).
 
     let bindings = bindgen::Builder::default()
         .header("include/wrapper.h")

@@ -90,6 +90,32 @@ added = "2024-03-01T00:00:00+01:00"
 TOML
 }
 
+# Seeds for the options target: the first byte picks the option (its index
+# in options::OPTIONS), the rest is the value as slurmstepd receives it.
+seed_options() {
+    printf '\x00pytorch:2.1' >"$1/image"
+    printf '\x01/data:/data:ro,/scratch' >"$1/mounts"
+    printf '\x02/workspace' >"$1/workdir"
+    printf '\x03auto' >"$1/gpus"
+    printf '\x04off' >"$1/dist"
+    printf '\x05' >"$1/tmpfs"
+    printf '\x00demo\nFORGED line' >"$1/newline"
+}
+
+# Seed for the pin target: a pin as srun writes it (ML_CONTAINER_PIN).
+seed_pin() {
+    cat >"$1/pin.toml" <<'TOML'
+reference = "pytorch"
+source = "catalog"
+name = "pytorch"
+tag = "2.1"
+path = "/opt/containers/ml-frameworks/pytorch-2.1.sif"
+size = 1114112
+catalog_size = 1114112
+sha256 = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+TOML
+}
+
 cd "$here"
 corpus=corpus/$target
 mkdir -p "$corpus"

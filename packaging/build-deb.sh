@@ -1,28 +1,30 @@
 #!/usr/bin/env bash
 # Builds slurm-ml-container_<version>+slurm<X.Y>_amd64.deb for one Slurm:
 #
-#   packaging/build-deb.sh 22.05|24.11 [OUTDIR] [VERSION]
+#   packaging/build-deb.sh 22.05|24.11|26.05 [OUTDIR] [VERSION]
 #
 # 22.05: Debian 12's Slurm (the host's headers); 24.11: Debian 13's (the
-# headers of the cached trixie root, tests/cluster/rootfs.sh). The package
+# headers of the cached trixie root); 26.05: Debian sid's (the cached sid
+# root; both roots from tests/cluster/rootfs.sh, through include.sh). The
+# build's hostlist rules follow the headers (src/hostlist.rs). The package
 # depends on that Slurm release only (Slurm refuses plugins of another
 # major.minor). Plain dpkg-deb: no debhelper needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-slurm=${1:?usage: packaging/build-deb.sh 22.05|24.11 [OUTDIR] [VERSION]}
+slurm=${1:?usage: packaging/build-deb.sh 22.05|24.11|26.05 [OUTDIR] [VERSION]}
 out=${2:-target/deb}
 version=${3:-$(awk -F'"' '/^version = /{print $2; exit}' Cargo.toml)}
 case $slurm in
     22.05) inc=/usr/include ;;
-    24.11)
+    24.11 | 26.05)
         # Its first line. Not "| head -n 1": head may exit before the
         # script's second line, which then dies of SIGPIPE, and pipefail
         # fails this build without a word (seen under load in CI).
-        inc=$(bash tests/cluster/include-24.11.sh)
+        inc=$(bash tests/cluster/include.sh "$slurm")
         inc=${inc%%$'\n'*}
         ;;
-    *) echo "build-deb: unknown Slurm '$slurm' (22.05 or 24.11)" >&2; exit 2 ;;
+    *) echo "build-deb: unknown Slurm '$slurm' (22.05, 24.11 or 26.05)" >&2; exit 2 ;;
 esac
 major=${slurm%%.*}
 minor=${slurm#*.}
@@ -50,6 +52,10 @@ strip --strip-unneeded "$stage/usr/lib/x86_64-linux-gnu/slurm-wlm/spank_ml_conta
 install -D -m 0644 plugstack/ml-container.conf \
     "$stage/usr/share/slurm-ml-container/plugstack/ml-container.conf"
 install -D -m 0644 packaging/debian/ml-container.toml "$stage/etc/slurm/ml-container.toml"
+# Bounded logs (issue 10, L6): metrics log rotation, report expiry.
+install -D -m 0644 packaging/debian/logrotate "$stage/etc/logrotate.d/slurm-ml-container"
+install -D -m 0644 packaging/debian/tmpfiles.conf \
+    "$stage/usr/lib/tmpfiles.d/slurm-ml-container.conf"
 install -D -m 0644 -t "$stage/usr/share/slurm-ml-container/recipes" packaging/recipes/*.def
 for m in ml-container.8 spank-ml-container.8; do
     install -D -m 0644 "packaging/man/$m" "$stage/usr/share/man/man8/$m"
@@ -69,7 +75,8 @@ mkdir -p "$stage/DEBIAN"
 size=$(du -sk --exclude=DEBIAN "$stage" | cut -f1)
 sed -e "s/@VERSION@/$debver/" -e "s/@SLURM@/$slurm/" -e "s/@NEXT@/$next/" \
     -e "s/@SIZE@/$size/" packaging/debian/control >"$stage/DEBIAN/control"
-echo /etc/slurm/ml-container.toml >"$stage/DEBIAN/conffiles"
+printf '%s\n' /etc/slurm/ml-container.toml /etc/logrotate.d/slurm-ml-container \
+    >"$stage/DEBIAN/conffiles"
 for s in postinst prerm postrm; do
     install -m 0755 "packaging/debian/$s" "$stage/DEBIAN/$s"
 done

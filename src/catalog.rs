@@ -196,7 +196,7 @@ checked_string!(
 checked_string!(
     Tag,
     valid_tag,
-    "tag (letters, digits, '.', '_', '-'; at most 128, not starting with '.' or '-')"
+    "tag (letters, digits, '.', '_', '-', '+'; at most 128, not starting with '.', '-' or '+')"
 );
 checked_string!(
     Alias,
@@ -226,13 +226,21 @@ pub fn valid_name(s: &str) -> bool {
         && !s.split('/').any(|c| c.is_empty() || c == "." || c == "..")
 }
 
+/// A tag: what follows the `:`. `+` is allowed because every PyPI and
+/// Debian build of torch carries one in its version (`2.6.0+debian`,
+/// `2.1.0+cu121`), and a tag is most often that version; it is a plain
+/// character in a file name and in `--ml-container=name:tag`.
 pub fn valid_tag(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
-        && !s.starts_with(['.', '-'])
+        && !s.starts_with(['.', '-', '+'])
         && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'+'))
 }
+
+/// What a valid tag is made of, for error messages.
+pub const TAG_RULE: &str = "letters, digits, '.', '_', '-', '+'; at most 128, not starting \
+                            with '.', '-' or '+'";
 
 fn valid_alias(s: &str) -> bool {
     !s.is_empty()
@@ -625,6 +633,25 @@ default = true
             one_line.starts_with("/opt/containers/.registry/catalog.toml:6: image #1:"),
             "{one_line}"
         );
+    }
+
+    #[test]
+    fn tags_take_torch_versions() {
+        for ok in ["2.6.0+debian", "2.1.0+cu121", "24.01-py3", "latest", "a_b"] {
+            assert!(valid_tag(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "+cu121",
+            ".x",
+            "-x",
+            "a b",
+            "a/b",
+            "a:b",
+            &"1".repeat(129),
+        ] {
+            assert!(!valid_tag(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -6,23 +6,52 @@
 //! parses back to the same entries, writes a temporary file in the same
 //! directory, fsyncs it, renames it over the catalog and fsyncs the
 //! directory. Readers never lock: rename(2) swaps whole files.
+//!
+//! The lock file is mode 0600 and must belong to the writer (root), in
+//! `.registry/`, which only root can write: no user can open it, so no user
+//! can hold the lock (issue 10, L4: with the old 0644 file, `flock
+//! catalog.lock sleep 1000` as any user blocked every `ml-container add`).
+//! An older 0644 file is closed to others on first use. The lock is tried
+//! until a deadline (10 s, `ML_CONTAINER_LOCK_TIMEOUT` seconds), and the
+//! error names the process that holds it (from /proc/locks).
 #![forbid(unsafe_code)]
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::catalog::{self, Catalog, CatalogError, Image};
 
 #[derive(Debug)]
 pub enum WriteError {
-    Io { path: PathBuf, source: io::Error },
+    Io {
+        path: PathBuf,
+        source: io::Error,
+    },
     Catalog(CatalogError),
-    Duplicate { reference: String },
-    NotFound { reference: String },
-    Invalid { message: String },
+    Duplicate {
+        reference: String,
+    },
+    NotFound {
+        reference: String,
+    },
+    Invalid {
+        message: String,
+    },
+    /// Another process held the lock for the whole deadline.
+    Busy {
+        path: PathBuf,
+        waited: Duration,
+        holders: String,
+    },
+    /// The lock file is not a regular file of the writer's.
+    LockFile {
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 impl fmt::Display for WriteError {
@@ -39,6 +68,22 @@ impl fmt::Display for WriteError {
                 "{reference} is not in the catalog ('ml-container list' shows what is)"
             ),
             WriteError::Invalid { message } => write!(f, "{message}"),
+            WriteError::Busy {
+                path,
+                waited,
+                holders,
+            } => write!(
+                f,
+                "the catalog is locked by {holders} ({}, waited {} s): let that finish and \
+                 retry, or stop it if it hangs",
+                path.display(),
+                waited.as_secs()
+            ),
+            WriteError::LockFile { path, reason } => write!(
+                f,
+                "{}: {reason}: remove it (the next writer makes a new one)",
+                path.display()
+            ),
         }
     }
 }
@@ -130,20 +175,82 @@ pub struct Locked {
     pub catalog: Catalog,
 }
 
+/// The environment variable that sets the lock deadline in seconds.
+pub const LOCK_TIMEOUT_ENV: &str = "ML_CONTAINER_LOCK_TIMEOUT";
+const LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn lock_timeout() -> Duration {
+    std::env::var(LOCK_TIMEOUT_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(LOCK_TIMEOUT, Duration::from_secs)
+}
+
 /// Takes the lock and reads the current catalog (empty when absent).
 pub fn lock(root: &Path) -> Result<Locked, WriteError> {
+    lock_within(root, lock_timeout())
+}
+
+/// [`lock`] with an explicit deadline.
+pub fn lock_within(root: &Path, timeout: Duration) -> Result<Locked, WriteError> {
     let dir = root.join(".registry");
     fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let lock_path = dir.join("catalog.lock");
     let lock = OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(&lock_path)
         .map_err(io_err(&lock_path))?;
-    lock.lock().map_err(io_err(&lock_path))?;
+    let meta = lock.metadata().map_err(io_err(&lock_path))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if !meta.is_file() || meta.uid() != me {
+        return Err(WriteError::LockFile {
+            path: lock_path,
+            reason: format!(
+                "not a regular file owned by uid {me} (owner uid {}, {:?})",
+                meta.uid(),
+                meta.file_type()
+            ),
+        });
+    }
+    if meta.mode() & 0o077 != 0 {
+        // An older install's 0644 file: nobody else may open it from now.
+        lock.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(io_err(&lock_path))?;
+    }
+    let started = Instant::now();
+    loop {
+        match lock.try_lock() {
+            Ok(()) => break,
+            Err(TryLockError::WouldBlock) if started.elapsed() < timeout => {
+                // Short: writers hold the lock for milliseconds, and a
+                // long nap lets newer writers overtake this one.
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(TryLockError::WouldBlock) => {
+                let procs = fs::read_to_string("/proc/locks").unwrap_or_default();
+                let holders = lock_holders(&procs, meta.dev(), meta.ino());
+                return Err(WriteError::Busy {
+                    path: lock_path,
+                    waited: started.elapsed(),
+                    holders: if holders.is_empty() {
+                        "another process (not found in /proc/locks)".to_string()
+                    } else {
+                        holders
+                            .iter()
+                            .map(|&pid| describe_pid(pid))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    },
+                });
+            }
+            Err(TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
+        }
+    }
     let path = root.join(catalog::CATALOG_PATH);
     let catalog = match fs::read_to_string(&path) {
         Ok(text) => Catalog::parse(&path, &text).map_err(WriteError::Catalog)?,
@@ -155,6 +262,68 @@ pub fn lock(root: &Path) -> Result<Locked, WriteError> {
         path,
         catalog,
     })
+}
+
+/// Linux's dev_t split (the kernel's new_encode_dev), as /proc/locks
+/// prints it (`MAJ:MIN:INODE`, major and minor in hex).
+fn dev_major_minor(dev: u64) -> (u64, u64) {
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    (major, minor)
+}
+
+/// The pids holding a lock on the file `dev`/`ino`, from /proc/locks text
+/// (`1: FLOCK  ADVISORY  WRITE 8476 fe:00:5480466 0 EOF`; waiters' lines
+/// have `->` after the number and are skipped).
+pub fn lock_holders(proc_locks: &str, dev: u64, ino: u64) -> Vec<u32> {
+    let (major, minor) = dev_major_minor(dev);
+    let mut pids: Vec<u32> = proc_locks
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.get(1) == Some(&"->") {
+                return None;
+            }
+            let mut id = f.get(5)?.split(':');
+            let (ma, mi, i) = (id.next()?, id.next()?, id.next()?);
+            let same = u64::from_str_radix(ma, 16).ok()? == major
+                && u64::from_str_radix(mi, 16).ok()? == minor
+                && i.parse::<u64>().ok()? == ino;
+            same.then(|| f.get(4)?.parse().ok()).flatten()
+        })
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// `pid N (COMMAND, uid U NAME)`, as far as /proc tells.
+fn describe_pid(pid: u32) -> String {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.split_whitespace().next().unwrap_or_default().to_string())
+    };
+    match (
+        field("Name:"),
+        field("Uid:").and_then(|u| u.parse::<u32>().ok()),
+    ) {
+        (Some(name), Some(uid)) => {
+            let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                .ok()
+                .flatten()
+                .map(|u| format!(" {}", u.name))
+                .unwrap_or_default();
+            format!(
+                "pid {pid} ({}, uid {uid}{})",
+                crate::jobtext::field(&name),
+                crate::jobtext::field(&user)
+            )
+        }
+        _ => format!("pid {pid} (gone, or in another pid namespace)"),
+    }
 }
 
 impl Locked {
@@ -294,6 +463,63 @@ mod tests {
         let l = lock(&root).unwrap();
         assert_eq!(l.catalog.images.len(), 2, "a failed commit changed nothing");
         drop(l);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn holders_from_proc_locks() {
+        let dev = (0xfe << 8) | 0x01; // fe:01
+        let text = "1: FLOCK  ADVISORY  WRITE 8476 fe:01:5480466 0 EOF\n\
+                    1: -> FLOCK  ADVISORY  WRITE 9000 fe:01:5480466 0 EOF\n\
+                    2: FLOCK  ADVISORY  READ 8477 fe:01:10133507 0 EOF\n\
+                    3: POSIX  ADVISORY  WRITE 11600 fe:00:5480466 0 EOF\n";
+        assert_eq!(lock_holders(text, dev, 5480466), vec![8476]);
+        assert_eq!(lock_holders(text, dev, 1), Vec::<u32>::new());
+        assert_eq!(lock_holders("garbage\n", dev, 1), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn a_held_lock_fails_within_the_deadline_naming_the_holder() {
+        let root = std::env::temp_dir().join(format!("mlc-cwlock-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(root.join(".registry")).unwrap();
+        let lock_path = root.join(".registry/catalog.lock");
+        // An older install's world-readable lock file.
+        fs::write(&lock_path, "").unwrap();
+        fs::set_permissions(&lock_path, fs::Permissions::from_mode(0o644)).unwrap();
+        // -o: the lock stays with flock itself, so killing it frees it.
+        let mut holder = std::process::Command::new("flock")
+            .arg("-o")
+            .arg(&lock_path)
+            .args(["sleep", "10"])
+            .spawn()
+            .unwrap();
+        // Until flock holds it.
+        let t = Instant::now();
+        while lock_holders(
+            &fs::read_to_string("/proc/locks").unwrap(),
+            fs::metadata(&lock_path).unwrap().dev(),
+            fs::metadata(&lock_path).unwrap().ino(),
+        )
+        .is_empty()
+        {
+            assert!(t.elapsed() < Duration::from_secs(10), "flock never locked");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let t = Instant::now();
+        let e = lock_within(&root, Duration::from_millis(500)).unwrap_err();
+        let took = t.elapsed();
+        let _ = holder.kill();
+        let _ = holder.wait();
+        let msg = e.to_string();
+        assert!(took < Duration::from_secs(3), "{took:?}");
+        assert!(
+            msg.contains(&format!("locked by pid {} (flock, uid 0", holder.id())),
+            "{msg}"
+        );
+        assert_eq!(fs::metadata(&lock_path).unwrap().mode() & 0o777, 0o600);
+        // Free again: taken at once.
+        lock_within(&root, Duration::from_secs(5)).unwrap();
         fs::remove_dir_all(&root).unwrap();
     }
 }

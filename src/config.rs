@@ -220,8 +220,12 @@ pub struct RuntimeConfig {
     pub denied_binds: Vec<AbsPath>,
     /// Extra arguments passed to `<runtime> exec`.
     pub extra_args: Vec<String>,
-    /// The small exec helper used where Slurm cannot prepend to a task's
-    /// argv (before 23.11).
+    /// The runtime's global `--quiet` (Apptainer, Singularity): hides its
+    /// INFO lines (such as "gocryptfs not found") on every task's stderr;
+    /// warnings and errors still show.
+    pub quiet: bool,
+    /// The small program every containerized task runs under
+    /// (src/bin/ml-container-launch.rs).
     pub launcher: AbsPath,
 }
 
@@ -242,6 +246,7 @@ impl Default for RuntimeConfig {
                 .map(|p| AbsPath(PathBuf::from(p)))
                 .to_vec(),
             extra_args: Vec::new(),
+            quiet: true,
             launcher: AbsPath(PathBuf::from(DEFAULT_LAUNCHER)),
         }
     }
@@ -322,6 +327,9 @@ pub enum ConfigError {
         arg: String,
         message: String,
     },
+    /// Read as root, the file (or its directory) could be changed by
+    /// someone other than root.
+    Untrusted(crate::secure::TrustError),
 }
 
 impl fmt::Display for ConfigError {
@@ -354,6 +362,7 @@ impl fmt::Display for ConfigError {
                 f,
                 "plugstack argument '{arg}': {message}; fix the ml-container line in plugstack.conf"
             ),
+            ConfigError::Untrusted(e) => write!(f, "refusing the site config: {e}"),
         }
     }
 }
@@ -514,25 +523,35 @@ impl SiteConfig {
     }
 }
 
+/// The config's text, opened the one safe way ([`crate::secure`]). As root
+/// (slurmstepd, srun run by root, the CLI under sudo) the file decides what
+/// root runs, so it must be root's alone: owned by root and not writable
+/// by group or others, nor its directory. Other users read it as
+/// themselves, which gives them nothing they could not do anyway.
 fn read_limited(path: &Path) -> Result<String, ConfigError> {
-    use std::io::Read;
-    let read_err = |source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
+    use crate::secure::{self, ReadText, TrustError};
+    let to_config_err = |e: TrustError| match e {
+        TrustError::Io { path, source } => ConfigError::Read { path, source },
+        other => ConfigError::Untrusted(other),
     };
-    let file = std::fs::File::open(path).map_err(read_err)?;
-    let size = file.metadata().map_err(read_err)?.len();
-    if size > MAX_CONFIG_BYTES {
-        return Err(ConfigError::TooLarge {
+    let (file, meta) = if nix::unistd::geteuid().is_root() {
+        secure::open_trusted(path, &[0])
+    } else {
+        std::fs::canonicalize(path)
+            .map_err(|source| TrustError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+            .and_then(|real| secure::open_regular(&real))
+    }
+    .map_err(to_config_err)?;
+    match secure::read_limited(file, &meta, path, MAX_CONFIG_BYTES).map_err(to_config_err)? {
+        ReadText::Text(t) => Ok(t),
+        ReadText::TooLarge(size) => Err(ConfigError::TooLarge {
             path: path.to_path_buf(),
             size,
-        });
+        }),
     }
-    let mut text = String::new();
-    file.take(MAX_CONFIG_BYTES)
-        .read_to_string(&mut text)
-        .map_err(read_err)?;
-    Ok(text)
 }
 
 fn one_line(s: &str) -> String {
@@ -779,6 +798,43 @@ probe_timeout = 2
             overrides: vec![],
         };
         assert_eq!(SiteConfig::load(&args).unwrap(), SiteConfig::default());
+    }
+
+    /// As root, a site config someone else could change is refused, with
+    /// the fix; as any other user the same file is read (I4).
+    #[test]
+    fn root_refuses_an_untrusted_config() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("mlc-cfg-trust-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.join("ml-container.toml");
+        std::fs::write(&path, "[runtime]\ngpus = \"off\"\n").unwrap();
+        let args = PlugstackArgs {
+            config_path: Some(path.clone()),
+            overrides: vec![],
+        };
+        let chmod = |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+        chmod(&path, 0o644).unwrap();
+        let good = SiteConfig::load(&args);
+        chmod(&path, 0o666).unwrap();
+        let writable = SiteConfig::load(&args);
+        chmod(&path, 0o644).unwrap();
+        chmod(&dir, 0o777).unwrap();
+        let dir_writable = SiteConfig::load(&args);
+        chmod(&dir, 0o755).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(good.unwrap().runtime.gpus, GpuPolicy::Off);
+        if nix::unistd::geteuid().is_root() {
+            for (what, r) in [("file", writable), ("directory", dir_writable)] {
+                let e = r.expect_err(what).to_string();
+                assert!(e.starts_with("refusing the site config"), "{what}: {e}");
+                assert!(e.ends_with("chmod go-w it"), "{what}: {e}");
+            }
+        } else {
+            assert!(writable.is_ok() && dir_writable.is_ok());
+        }
     }
 
     #[test]

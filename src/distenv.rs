@@ -270,6 +270,56 @@ pub fn contract(cfg: &SiteConfig, f: &TaskFacts) -> Result<Vec<(String, String)>
     Ok(vars)
 }
 
+/// The variables that an elastic launcher defines for each of its workers
+/// (torchrun's agent sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE and
+/// GROUP_RANK for every worker it starts; torch.distributed.run docs,
+/// "Environment Variables"). NODE_RANK is among them because torchrun does
+/// not replace it: a value of ours would reach the workers and could
+/// contradict their GROUP_RANK, which the rendezvous assigns.
+pub const PER_WORKER: [&str; 5] = [
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+];
+
+/// Whether a task's command is an elastic launcher that starts and numbers
+/// its own workers: `torchrun`, or `python -m torch.distributed.run` (and
+/// its deprecated `torch.distributed.launch`). Such a task gets the step's
+/// MASTER_ADDR/MASTER_PORT and the site's variables, not [`PER_WORKER`].
+pub fn is_elastic_launcher(argv: &[String]) -> bool {
+    let Some(first) = argv.first() else {
+        return false;
+    };
+    let base = first.rsplit('/').next().unwrap_or(first);
+    if base == "torchrun" {
+        return true;
+    }
+    let is_python = base
+        .strip_prefix("python")
+        .is_some_and(|v| v.chars().all(|c| c.is_ascii_digit() || c == '.'));
+    if !is_python {
+        return false;
+    }
+    let module = |m: &str| matches!(m, "torch.distributed.run" | "torch.distributed.launch");
+    // The interpreter's own options come before -m; the first argument that
+    // is not an option is the script, after which nothing is the python's.
+    let mut args = argv[1..].iter();
+    while let Some(a) = args.next() {
+        if a == "-m" {
+            return args.next().is_some_and(|m| module(m));
+        }
+        if let Some(m) = a.strip_prefix("-m") {
+            return module(m);
+        }
+        if !a.starts_with('-') {
+            return false;
+        }
+    }
+    false
+}
+
 /// The batch script's share: MASTER_ADDR and MASTER_PORT of the job (for
 /// `torchrun --rdzv_endpoint`), from the job's node list.
 pub fn batch_contract(
@@ -318,6 +368,32 @@ pub fn owned_record(vars: &[(String, String)]) -> String {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn elastic_launchers_are_told_apart() {
+        let v = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        for yes in [
+            "torchrun --nproc-per-node 2 train.py",
+            "/usr/bin/torchrun train.py",
+            "python -m torch.distributed.run train.py",
+            "python3 -u -m torch.distributed.launch train.py",
+            "/usr/bin/python3.11 -mtorch.distributed.run x.py",
+        ] {
+            assert!(is_elastic_launcher(&v(yes)), "{yes}");
+        }
+        for no in [
+            "python3 train.py",
+            "python3 train.py -m torch.distributed.run",
+            "python3 -m torch.distributed.other",
+            "python3 -m",
+            "torchrunner x",
+            "pythonista -m torch.distributed.run",
+            "",
+        ] {
+            assert!(!is_elastic_launcher(&v(no)), "{no}");
+        }
+        assert!(!is_elastic_launcher(&[]));
+    }
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs

@@ -1,11 +1,18 @@
 //! Image integrity without Apptainer (config `registry.verify`).
 //!
-//! `quick` (default): the file's size matches what the catalog (or srun's
-//! pin) says and its SIF structure is sound — a few KiB read, whatever the
-//! image size. `full`: also its sha256 against the catalog's. A node hashes
-//! an image once: the verified sum is cached in a root-owned directory under
-//! a key of device, inode, size, mtime and ctime, so a changed or replaced
-//! file misses the cache (USERS.md #2: verify once per node, not per task).
+//! `quick` (default): the file's size matches what the catalog says and
+//! its SIF structure is sound — a few KiB read, whatever the image size.
+//! `full`: also its sha256 against the catalog's. Everything is read from
+//! the one fd the registry opened ([`crate::secure::open_regular`]).
+//!
+//! Hashing is bounded and cancellable: never more bytes than the catalog's
+//! size (a larger file fails the size check first), and the caller's
+//! `cancelled` predicate is asked between chunks, so a cancelled step stops
+//! hashing within a chunk. A node hashes a file once: the sum it found is
+//! cached in a root-owned directory under a key of device, inode, size,
+//! mtime and ctime, whether it matched or not, so neither a good nor a
+//! wrong file is hashed again at every step (USERS.md #2: verify once per
+//! node, not per task); a changed or replaced file misses the cache.
 #![forbid(unsafe_code)]
 
 use std::fmt;
@@ -51,13 +58,17 @@ pub enum IntegrityError {
         expected: String,
         actual: String,
     },
+    /// The step was cancelled while the image was being hashed.
+    Cancelled {
+        path: PathBuf,
+    },
 }
 
 impl fmt::Display for IntegrityError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             IntegrityError::Open { path, source } => {
-                write!(f, "cannot read image {}: {source}", path.display())
+                write!(f, "cannot read image {}: {source}", shown(path))
             }
             IntegrityError::Size {
                 path,
@@ -67,14 +78,10 @@ impl fmt::Display for IntegrityError {
                 f,
                 "image {} is {actual} bytes, the catalog says {expected}: truncated or replaced; \
                  re-copy it or update the catalog with 'ml-container add'",
-                path.display()
+                shown(path)
             ),
             IntegrityError::Structure { path, source } => {
-                write!(
-                    f,
-                    "image {} is not a sound SIF file: {source}",
-                    path.display()
-                )
+                write!(f, "image {} is not a sound SIF file: {source}", shown(path))
             }
             IntegrityError::Squashfs {
                 path,
@@ -84,13 +91,13 @@ impl fmt::Display for IntegrityError {
                 f,
                 "squashfs image {} claims {bytes_used} bytes but the file has {len}: truncated; \
                  re-copy it",
-                path.display()
+                shown(path)
             ),
             IntegrityError::NoChecksum { path, image } => write!(
                 f,
                 "verify = \"full\" but the catalog has no sha256 for {image} ({}): add one with \
                  'ml-container add'",
-                path.display()
+                shown(path)
             ),
             IntegrityError::Checksum {
                 path,
@@ -100,13 +107,25 @@ impl fmt::Display for IntegrityError {
                 f,
                 "image {} has sha256 {actual}, the catalog says {expected}: the file is \
                  corrupted or was replaced; re-copy it",
-                path.display()
+                shown(path)
+            ),
+            IntegrityError::Cancelled { path } => write!(
+                f,
+                "the step was cancelled while image {} was being verified; submit it again if \
+                 that was not meant",
+                shown(path)
             ),
         }
     }
 }
 
 impl std::error::Error for IntegrityError {}
+
+/// A path for a message that reaches logs: a user may name files in an
+/// allowed directory, so it is escaped and capped like any job string.
+fn shown(path: &Path) -> String {
+    crate::registry::escaped(&path.to_string_lossy())
+}
 
 /// What a verification did, for the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,32 +139,32 @@ pub enum Verified {
     Cached,
 }
 
-/// Size and structure.
+/// Size and structure of the file at `path` (the CLI; opened the one safe
+/// way).
 pub fn quick(path: &Path, expected_size: Option<u64>) -> Result<(), IntegrityError> {
-    let mut file = open(path)?;
-    quick_file(&mut file, path, expected_size).map(drop)
-}
-
-fn open(path: &Path) -> Result<File, IntegrityError> {
-    File::open(path).map_err(|source| IntegrityError::Open {
+    let (mut file, meta) = secure::open_regular(path).map_err(|e| IntegrityError::Open {
         path: path.to_path_buf(),
-        source,
-    })
+        source: match e {
+            secure::TrustError::Io { source, .. } => source,
+            other => io::Error::other(other.to_string()),
+        },
+    })?;
+    quick_file(&mut file, &meta, path, expected_size)
 }
 
 /// Size and structure of an open image (one open serves the size, the
 /// format sniff and the structure; `verify` hashes the same file): its
 /// metadata, for the hash cache's key.
-fn quick_file(
+pub fn quick_file(
     file: &mut File,
+    meta: &fs::Metadata,
     path: &Path,
     expected_size: Option<u64>,
-) -> Result<fs::Metadata, IntegrityError> {
+) -> Result<(), IntegrityError> {
     let io_err = |source| IntegrityError::Open {
         path: path.to_path_buf(),
         source,
     };
-    let meta = file.metadata().map_err(io_err)?;
     if let Some(expected) = expected_size {
         if meta.len() != expected {
             return Err(IntegrityError::Size {
@@ -172,24 +191,30 @@ fn quick_file(
                 len: meta.len(),
             });
         }
-        return Ok(meta);
+        return Ok(());
     }
     sif::inspect(file, meta.len()).map_err(|source| IntegrityError::Structure {
         path: path.to_path_buf(),
         source,
     })?;
-    Ok(meta)
+    Ok(())
 }
 
-/// Verifies a resolved image at `level`. `cache_dir` is used (and created)
-/// only when this process may write it (root on a node).
+/// Verifies a resolved, opened image at `level`: `file` and `meta` are
+/// the fd the registry opened and its `fstat`, `pin` what the catalog read
+/// here says. `cache_dir` is used (and created) only when this process may
+/// write it (root on a node). `cancelled` is asked between chunks of the
+/// hash; it should be cheap or rate-limit itself.
 pub fn verify(
     pin: &Pin,
+    mut file: File,
+    meta: &fs::Metadata,
     level: VerifyLevel,
     cache_dir: Option<&Path>,
+    cancelled: &dyn Fn() -> bool,
 ) -> Result<Verified, IntegrityError> {
-    let mut file = open(&pin.path)?;
-    let meta = quick_file(&mut file, &pin.path, pin.catalog_size.or(Some(pin.size)))?;
+    let expected_size = pin.catalog_size.unwrap_or(meta.len());
+    quick_file(&mut file, meta, &pin.path, Some(expected_size))?;
     if level == VerifyLevel::Quick {
         return Ok(Verified::Quick);
     }
@@ -199,27 +224,38 @@ pub fn verify(
             image: pin.display_name(),
         });
     };
-    let key = cache_key(&meta);
-    if let Some(dir) = cache_dir {
-        if cached_sum(dir, &key).as_deref() == Some(expected) {
-            return Ok(Verified::Cached);
-        }
+    let key = cache_key(meta);
+    let mismatch = |actual: String| IntegrityError::Checksum {
+        path: pin.path.clone(),
+        expected: expected.to_string(),
+        actual,
+    };
+    if let Some(known) = cache_dir.and_then(|dir| cached_sum(dir, &key)) {
+        return if known == expected {
+            Ok(Verified::Cached)
+        } else {
+            // Remembered: this very file was hashed before and was wrong.
+            Err(mismatch(known))
+        };
     }
     let start = Instant::now();
     let actual = file
         .rewind()
-        .and_then(|()| sha256_reader(file))
         .map_err(|source| IntegrityError::Open {
             path: pin.path.clone(),
             source,
+        })
+        .and_then(|()| {
+            sha256_bounded(&mut file, expected_size, cancelled).map_err(|e| match e {
+                HashStop::Cancelled => IntegrityError::Cancelled {
+                    path: pin.path.clone(),
+                },
+                HashStop::Io(source) => IntegrityError::Open {
+                    path: pin.path.clone(),
+                    source,
+                },
+            })
         })?;
-    if actual != expected {
-        return Err(IntegrityError::Checksum {
-            path: pin.path.clone(),
-            expected: expected.to_string(),
-            actual,
-        });
-    }
     if let Some(dir) = cache_dir {
         if let Err(e) = store_sum(dir, &key, &actual) {
             log::warn!(
@@ -229,9 +265,51 @@ pub fn verify(
             );
         }
     }
+    if actual != expected {
+        return Err(mismatch(actual));
+    }
     Ok(Verified::Hashed {
         millis: start.elapsed().as_millis(),
     })
+}
+
+/// Why a bounded hash stopped early.
+#[derive(Debug)]
+pub enum HashStop {
+    Cancelled,
+    Io(io::Error),
+}
+
+/// The size of one hashed chunk: `cancelled` is asked this often.
+const HASH_CHUNK: usize = 1 << 20;
+
+/// SHA-256 of at most `limit` bytes of `r`, asking `cancelled` before each
+/// chunk.
+pub fn sha256_bounded<R: Read>(
+    r: R,
+    limit: u64,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<String, HashStop> {
+    let mut r = r.take(limit);
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; HASH_CHUNK];
+    loop {
+        if cancelled() {
+            return Err(HashStop::Cancelled);
+        }
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(HashStop::Io(e)),
+        };
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The cache key: any change to the file (rewrite, replace, touch, chmod)
@@ -249,14 +327,20 @@ fn cache_key(m: &fs::Metadata) -> String {
     )
 }
 
+/// The sum this node found for the file with `key`, if it hashed it.
 fn cached_sum(dir: &Path, key: &str) -> Option<String> {
     let path = dir.join(key);
-    // Only trust entries root wrote: a regular file, owned by root, not
-    // writable by others, in a root-owned directory.
-    secure::check_trusted_file(&path, &[0]).ok()?;
-    let text = fs::read_to_string(&path).ok()?;
-    let sum = text.trim();
-    (sum.len() == 64).then(|| sum.to_string())
+    // Only trust entries root wrote: a regular file right there (not a
+    // symlink, even to a root-owned file), owned by root, not writable by
+    // others, in a root-owned directory; opened the one safe way and read
+    // from that fd.
+    match secure::read_trusted_here(&path, &[0], 128).ok()? {
+        secure::ReadText::Text(text) => {
+            let sum = text.trim();
+            crate::registry::is_sha256_hex(sum).then(|| sum.to_string())
+        }
+        secure::ReadText::TooLarge(_) => None,
+    }
 }
 
 fn store_sum(dir: &Path, key: &str, sum: &str) -> io::Result<()> {
@@ -277,11 +361,7 @@ pub fn sha256_reader<R: Read>(mut r: R) -> io::Result<String> {
         };
         hasher.update(&buf[..n]);
     }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(hex(&hasher.finalize()))
 }
 
 pub fn sha256_file(path: &Path) -> io::Result<String> {
@@ -342,6 +422,7 @@ mod tests {
             size,
             catalog_size: None,
             sha256: sha256.map(str::to_string),
+            mode: None,
         }
     }
 
@@ -380,27 +461,132 @@ mod tests {
         ));
     }
 
+    fn never() -> bool {
+        false
+    }
+
+    fn run(
+        p: &Pin,
+        level: VerifyLevel,
+        cache: Option<&Path>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Verified, IntegrityError> {
+        let (file, meta) = secure::open_regular(&p.path).unwrap();
+        verify(p, file, &meta, level, cache, cancelled)
+    }
+
     #[test]
     fn full_hashes_the_same_open_file_after_the_structure_check() {
         let bytes = sqfs(4096, 4096);
         let f = Temp::new("full.sqfs", &bytes);
         let sum = sha256_reader(&bytes[..]).unwrap();
         assert!(matches!(
-            verify(&pin(&f.0, 4096, Some(&sum)), VerifyLevel::Full, None),
+            run(
+                &pin(&f.0, 4096, Some(&sum)),
+                VerifyLevel::Full,
+                None,
+                &never
+            ),
             Ok(Verified::Hashed { .. })
         ));
         let wrong = "0".repeat(64);
         assert!(matches!(
-            verify(&pin(&f.0, 4096, Some(&wrong)), VerifyLevel::Full, None),
+            run(
+                &pin(&f.0, 4096, Some(&wrong)),
+                VerifyLevel::Full,
+                None,
+                &never
+            ),
             Err(IntegrityError::Checksum { .. })
         ));
         assert!(matches!(
-            verify(&pin(&f.0, 4096, None), VerifyLevel::Full, None),
+            run(&pin(&f.0, 4096, None), VerifyLevel::Full, None, &never),
             Err(IntegrityError::NoChecksum { .. })
         ));
         assert_eq!(
-            verify(&pin(&f.0, 4096, None), VerifyLevel::Quick, None).unwrap(),
+            run(&pin(&f.0, 4096, None), VerifyLevel::Quick, None, &never).unwrap(),
             Verified::Quick
         );
+    }
+
+    #[test]
+    fn hashing_is_bounded_and_cancellable() {
+        // Never more than the limit, whatever the reader holds.
+        let data = vec![7u8; 3 * HASH_CHUNK + 5];
+        let first = sha256_reader(&data[..HASH_CHUNK + 1]).unwrap();
+        assert_eq!(
+            sha256_bounded(&data[..], HASH_CHUNK as u64 + 1, &never).unwrap(),
+            first
+        );
+        // Asked before every chunk: stops after the second.
+        let asked = std::cell::Cell::new(0);
+        let stop_at_two = || {
+            asked.set(asked.get() + 1);
+            asked.get() > 2
+        };
+        assert!(matches!(
+            sha256_bounded(&data[..], u64::MAX, &stop_at_two),
+            Err(HashStop::Cancelled)
+        ));
+        assert_eq!(asked.get(), 3);
+        // A cancelled verification says so, and caches nothing.
+        let bytes = sqfs(4096, 4096);
+        let f = Temp::new("cancel.sqfs", &bytes);
+        let sum = sha256_reader(&bytes[..]).unwrap();
+        assert!(matches!(
+            run(
+                &pin(&f.0, 4096, Some(&sum)),
+                VerifyLevel::Full,
+                None,
+                &|| true
+            ),
+            Err(IntegrityError::Cancelled { .. })
+        ));
+    }
+
+    #[test]
+    fn a_mismatch_is_remembered_per_file() {
+        if !nix::unistd::geteuid().is_root() {
+            return; // the cache only trusts root's entries
+        }
+        let dir = std::env::temp_dir().join(format!("mlc-hashcache-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let bytes = sqfs(4096, 4096);
+        let f = Temp::new("remember.sqfs", &bytes);
+        let sum = sha256_reader(&bytes[..]).unwrap();
+        let wrong = "0".repeat(64);
+        let hashed = std::cell::Cell::new(0);
+        let counting = || {
+            hashed.set(hashed.get() + 1);
+            false
+        };
+        for _ in 0..3 {
+            let e = run(
+                &pin(&f.0, 4096, Some(&wrong)),
+                VerifyLevel::Full,
+                Some(&dir),
+                &counting,
+            )
+            .unwrap_err();
+            assert!(
+                matches!(&e, IntegrityError::Checksum { actual, .. } if *actual == sum),
+                "{e}"
+            );
+        }
+        // One hash (one chunk plus the end-of-file check), then the cache.
+        assert_eq!(hashed.get(), 2);
+        // The right sum for the same file comes from the cache too.
+        assert_eq!(
+            run(
+                &pin(&f.0, 4096, Some(&sum)),
+                VerifyLevel::Full,
+                Some(&dir),
+                &counting
+            )
+            .unwrap(),
+            Verified::Cached
+        );
+        assert_eq!(hashed.get(), 2);
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -26,6 +26,8 @@ pub struct Plan {
     pub workdir: Option<PathBuf>,
     pub writable_tmpfs: bool,
     pub extra_args: Vec<String>,
+    /// The runtime's global `--quiet` (config `runtime.quiet`).
+    pub quiet: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,16 +125,17 @@ pub fn check_user_binds(cfg: &SiteConfig, user: &[Mount]) -> Result<(), LaunchEr
 }
 
 /// The binds of a step: the site's defaults whose source exists on this
-/// node (the others are reported in the returned notes and skipped), then
-/// the user's.
+/// node, then the user's. The defaults skipped for a missing source come
+/// back as one note (the slurmd log gets one line per node and step, not
+/// one per missing directory).
 pub fn binds(
     cfg: &SiteConfig,
     user: &[Mount],
     exists: &dyn Fn(&Path) -> bool,
-) -> Result<(Vec<Mount>, Vec<String>), LaunchError> {
+) -> Result<(Vec<Mount>, Option<String>), LaunchError> {
     check_user_binds(cfg, user)?;
     let mut out = Vec::new();
-    let mut notes = Vec::new();
+    let mut skipped = Vec::new();
     for entry in &cfg.runtime.binds {
         let parsed = options::parse_mounts(entry).map_err(|e| LaunchError::BadDefault {
             entry: entry.clone(),
@@ -142,18 +145,21 @@ pub fn binds(
             if exists(&m.src) {
                 out.push(m);
             } else {
-                notes.push(format!(
-                    "default bind {} skipped: {} does not exist on this node",
-                    m,
-                    m.src.display()
-                ));
+                skipped.push(m.src.display().to_string());
             }
         }
     }
     // A user bind to the same destination replaces the default.
     out.retain(|d| !user.iter().any(|u| u.dst == d.dst));
     out.extend(user.iter().cloned());
-    Ok((out, notes))
+    let note = (!skipped.is_empty()).then(|| {
+        format!(
+            "default binds skipped, their sources do not exist on this node: {} (create them \
+             or remove them from runtime.binds)",
+            skipped.join(", ")
+        )
+    });
+    Ok((out, note))
 }
 
 /// Whether the step was given GPUs: Slurm exports these to the tasks of a
@@ -223,6 +229,10 @@ impl Plan {
         let mut argv = vec![s(&self.runtime)];
         match self.kind {
             RuntimeKind::Apptainer | RuntimeKind::Singularity => {
+                // A global option: it goes before the subcommand.
+                if self.quiet {
+                    argv.push("--quiet".into());
+                }
                 argv.push("exec".into());
                 if self.nv {
                     argv.push("--nv".into());
@@ -266,17 +276,40 @@ impl Plan {
     }
 }
 
-/// Where Slurm cannot prepend to a task's argv (before 23.11), the task's
-/// argv[0] becomes `ml-container-launch`, which finds what to exec here.
+/// Every containerized task's argv[0] becomes `ml-container-launch`, which
+/// finds here what to run (see that program's doc for why a process of our
+/// own stays between slurmstepd and the runtime).
 pub const LAUNCH_ENV: &str = "ML_CONTAINER_LAUNCH";
 
-/// What `ml-container-launch` execs: `prefix`, then `command` (the task's
+/// What `ml-container-launch` runs: `prefix`, then `command` (the task's
 /// argv[0], looked up in the image when it is a bare name), then its own
 /// arguments (the task's argv[1..]).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LaunchSpec {
     pub prefix: Vec<String>,
     pub command: String,
+    /// `command` is a bare name that the runtime looks up in the image's
+    /// PATH (so a 255 from the runtime may mean "not in the image").
+    #[serde(default)]
+    pub in_image: bool,
+    /// Whether the runtime can run a probe command in the image
+    /// (Apptainer, Singularity: `<prefix> sh -c ...`).
+    #[serde(default)]
+    pub can_probe: bool,
+    /// Who this task is, for the line printed when it fails.
+    #[serde(default)]
+    pub task: Option<TaskLabel>,
+}
+
+/// The task as the failure notice names it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TaskLabel {
+    pub job: u32,
+    pub step: u32,
+    pub rank: u32,
+    pub node: String,
+    /// The image's `name:tag` (or what the user typed).
+    pub image: String,
 }
 
 impl LaunchSpec {
@@ -291,6 +324,69 @@ impl LaunchSpec {
         }
         Ok(spec)
     }
+}
+
+/// How a task's runtime process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    Code(i32),
+    Signal(i32),
+}
+
+/// The one line a failed task prints on its own stderr, so the user learns
+/// that a report exists (srun only says "Exited with exit code N"). None
+/// for success, and for the signals Slurm sends to every task of a step
+/// it stops (scancel, time limit, srun's Ctrl-C, another task's failure
+/// under --kill-on-bad-exit): those tasks did not fail on their own.
+pub fn failure_notice(label: &TaskLabel, ended: Ended) -> Option<String> {
+    let how = match ended {
+        Ended::Code(0) => return None,
+        Ended::Signal(s)
+            if [libc::SIGTERM, libc::SIGKILL, libc::SIGINT, libc::SIGHUP].contains(&s) =>
+        {
+            return None
+        }
+        Ended::Code(c) => format!("exited with code {c}"),
+        Ended::Signal(s) => format!("was killed by {}", crate::report::signal_name(s)),
+    };
+    Some(format!(
+        "ml-container: job {} step {} rank {} (image {}) {how} on {}; the failure report: \
+         ml-container diagnose {} (on {})",
+        label.job, label.step, label.rank, label.image, label.node, label.job, label.node
+    ))
+}
+
+/// Other names the user may have meant for a command: `python` and
+/// `python3`, `pip` and `pip3`, in both directions.
+pub fn command_alternatives(command: &str) -> Vec<String> {
+    let stem = command.trim_end_matches(|c: char| c.is_ascii_digit() || c == '.');
+    let mut out = Vec::new();
+    if stem != command && !stem.is_empty() {
+        out.push(stem.to_string());
+    }
+    if !command.ends_with(|c: char| c.is_ascii_digit()) {
+        out.push(format!("{command}3"));
+    }
+    out
+}
+
+/// The line printed when the runtime exited 255 and `command` was not
+/// found in the image: `found` holds the paths that the image's PATH gave
+/// for the alternatives (empty when none is there).
+pub fn missing_command_hint(command: &str, image: &str, found: &[String]) -> String {
+    let mut line = format!(
+        "ml-container: '{}' is not in image {image} (looked up in the image's PATH, not the \
+         host's)",
+        command.escape_default()
+    );
+    match found.first() {
+        Some(alt) => {
+            let name = alt.rsplit('/').next().unwrap_or(alt);
+            line.push_str(&format!("; did you mean {name} ({alt})?"));
+        }
+        None => line.push_str("; give its full path in the image, or use an image that has it"),
+    }
+    line
 }
 
 /// The command the user typed, found in srun's own argv (recorded by the
@@ -340,6 +436,7 @@ mod tests {
             workdir: Some("/work".into()),
             writable_tmpfs: true,
             extra_args: vec!["--cleanenv".into()],
+            quiet: false,
         };
         assert_eq!(
             p.prefix().join(" "),
@@ -347,6 +444,11 @@ mod tests {
              /scratch:/scratch --pwd /work --cleanenv /opt/containers/x.sif"
         );
         assert!(!p.prefix().iter().any(|a| a.starts_with("--contain")));
+        let quiet = Plan { quiet: true, ..p };
+        assert_eq!(
+            quiet.prefix()[..3],
+            ["/usr/bin/apptainer", "--quiet", "exec"]
+        );
     }
 
     #[test]
@@ -360,6 +462,7 @@ mod tests {
             workdir: Some("/in".into()),
             writable_tmpfs: false,
             extra_args: vec![],
+            quiet: true,
         };
         assert_eq!(
             p.prefix().join(" "),
@@ -381,8 +484,17 @@ mod tests {
             mounts("/home/u/x:/data"),
             "user bind replaces the default's destination"
         );
-        assert_eq!(notes.len(), 1);
-        assert!(notes[0].contains("/shared/models"));
+        let note = notes.expect("a note for the missing default");
+        assert!(
+            note.contains("/shared/models") && !note.contains("/shared/data"),
+            "{note}"
+        );
+        let all_missing = |_: &Path| false;
+        let (_, note) = binds(&cfg, &[], &all_missing).unwrap();
+        let note = note.expect("one note for every missing default");
+        assert_eq!(note.lines().count(), 1);
+        assert!(note.contains("/shared/data, /shared/models"), "{note}");
+        assert_eq!(binds(&cfg, &[], &|_: &Path| true).unwrap().1, None);
 
         for bad in [
             "/etc/shadow:/x",
@@ -452,10 +564,67 @@ mod tests {
         let spec = LaunchSpec {
             prefix: vec!["/usr/bin/ch-run".into(), "/img.sqfs".into(), "--".into()],
             command: "python".into(),
+            in_image: true,
+            can_probe: false,
+            task: Some(label()),
         };
         assert_eq!(LaunchSpec::decode(&spec.encode()).unwrap(), spec);
+        // A spec of an older plugin (only prefix and command) still runs.
+        let old = LaunchSpec::decode("prefix = [\"/x\"]\ncommand = \"y\"").unwrap();
+        assert_eq!(
+            (old.in_image, old.can_probe, old.task),
+            (false, false, None)
+        );
         assert!(LaunchSpec::decode("prefix = []\ncommand = \"x\"").is_err());
         assert!(LaunchSpec::decode("nonsense").is_err());
+    }
+
+    fn label() -> TaskLabel {
+        TaskLabel {
+            job: 6,
+            step: 0,
+            rank: 1,
+            node: "n1".into(),
+            image: "pytorch:2.6.0".into(),
+        }
+    }
+
+    #[test]
+    fn a_failed_task_names_its_report_and_a_stopped_one_says_nothing() {
+        let line = failure_notice(&label(), Ended::Code(1)).unwrap();
+        assert_eq!(
+            line,
+            "ml-container: job 6 step 0 rank 1 (image pytorch:2.6.0) exited with code 1 on n1; \
+             the failure report: ml-container diagnose 6 (on n1)"
+        );
+        let segv = failure_notice(&label(), Ended::Signal(libc::SIGSEGV)).unwrap();
+        assert!(segv.contains("was killed by SIGSEGV"), "{segv}");
+        for quiet in [
+            Ended::Code(0),
+            Ended::Signal(libc::SIGTERM),
+            Ended::Signal(libc::SIGKILL),
+            Ended::Signal(libc::SIGINT),
+            Ended::Signal(libc::SIGHUP),
+        ] {
+            assert_eq!(failure_notice(&label(), quiet), None, "{quiet:?}");
+        }
+    }
+
+    #[test]
+    fn a_missing_command_hint_names_the_image_and_the_alternative() {
+        assert_eq!(command_alternatives("python"), ["python3"]);
+        assert_eq!(command_alternatives("python3"), ["python"]);
+        assert_eq!(command_alternatives("python3.11"), ["python"]);
+        assert_eq!(command_alternatives("pip"), ["pip3"]);
+        assert!(command_alternatives("3").is_empty());
+        let h = missing_command_hint("python", "pytorch:2.6.0", &["/usr/bin/python3".into()]);
+        assert_eq!(
+            h,
+            "ml-container: 'python' is not in image pytorch:2.6.0 (looked up in the image's PATH, \
+             not the host's); did you mean python3 (/usr/bin/python3)?"
+        );
+        let none = missing_command_hint("tr\nain", "x", &[]);
+        assert!(!none.contains('\n') && none.contains("full path"), "{none}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod config;
 pub mod distenv;
 pub mod hostlist;
 pub mod integrity;
+pub mod jobtext;
 pub mod launch;
 pub mod options;
 pub mod plugin;

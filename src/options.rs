@@ -11,6 +11,13 @@ use std::fmt;
 use std::path::PathBuf;
 
 use crate::config::GpuPolicy;
+use crate::jobtext;
+
+/// An option value inside an error message: escaped and capped, since the
+/// message reaches the user's terminal and the slurmd log.
+fn field(value: &str) -> String {
+    jobtext::escape(value, 256)
+}
 
 /// The longest option value accepted; SPANK passes values through the job
 /// environment, and nothing legitimate comes near this.
@@ -182,7 +189,8 @@ impl fmt::Display for OptionError {
             OptionError::UnexpectedValue { option, value } => {
                 write!(
                     f,
-                    "--{option} takes no value, got '{value}': use plain --{option}"
+                    "--{option} takes no value, got '{}': use plain --{option}",
+                    field(value)
                 )
             }
             OptionError::Choice {
@@ -191,7 +199,8 @@ impl fmt::Display for OptionError {
                 accepted,
             } => write!(
                 f,
-                "invalid --{option}='{value}': accepted values are {}",
+                "invalid --{option}='{}': accepted values are {}",
+                field(value),
                 accepted.join(", ")
             ),
             OptionError::TooLong { option, len } => write!(
@@ -201,16 +210,18 @@ impl fmt::Display for OptionError {
             OptionError::BadCharacter { option, value } => write!(
                 f,
                 "invalid --{option}='{}': white space and control characters are not allowed",
-                value.escape_default()
+                field(value)
             ),
             OptionError::NotAbsolute { option, value } => write!(
                 f,
-                "invalid --{option}='{value}': give an absolute path (starting with /)"
+                "invalid --{option}='{}': give an absolute path (starting with /)",
+                field(value)
             ),
             OptionError::BadMount { entry, reason } => write!(
                 f,
-                "invalid --ml-container-mounts entry '{entry}': {reason}; the syntax is \
-                 SRC[:DST[:ro|rw]] with absolute paths, entries separated by commas"
+                "invalid --ml-container-mounts entry '{}': {reason}; the syntax is \
+                 SRC[:DST[:ro|rw]] with absolute paths, entries separated by commas",
+                field(entry)
             ),
             OptionError::TooManyMounts { count } => write!(
                 f,
@@ -276,8 +287,12 @@ impl UserOptions {
         Ok(())
     }
 
-    /// A short, stable description for log lines.
+    /// A short, stable description for log lines; every value escaped.
     pub fn summary(&self) -> String {
+        jobtext::field(&self.summary_raw())
+    }
+
+    fn summary_raw(&self) -> String {
         let mut parts = Vec::new();
         if let Some(image) = &self.image {
             parts.push(format!("image={image}"));

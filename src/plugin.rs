@@ -17,8 +17,9 @@ use crate::integrity::{self, IntegrityError, Verified};
 use crate::launch::{self, LaunchError, Plan};
 use crate::options::{OptionError, OptionId, OptionSpec, UserOptions, OPTIONS};
 use crate::probe;
-use crate::registry::{Pin, Registry, RegistryError, PIN_ENV};
+use crate::registry::{self, Opened, Pin, Registry, RegistryError, UserCheck, PIN_ENV};
 use crate::report::{self, ImageInfo, NodeState, Report, TaskOutcome};
+use crate::secure;
 
 /// spank_context_t, as far as the plugin cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,8 +96,21 @@ pub trait Host {
     fn local_task_count(&self) -> Option<u32>;
     /// The job's uid and gid.
     fn job_ids(&self) -> Option<(u32, u32)>;
-    /// Prepends to the task's argv (task context, Slurm >= 23.11).
-    fn prepend_argv(&mut self, argv: &[String]) -> Result<(), HostError>;
+    /// On a node: whether the job was cancelled (scancel) while the plugin
+    /// works, asked between chunks of long work (hashing an image); it
+    /// rate-limits itself. Slurm sends slurmstepd no signal before the
+    /// tasks exist, so this asks the controller. Default: never.
+    fn cancelled(&self) -> bool {
+        false
+    }
+    /// Runs `f` on a thread whose file-system identity is the job's user
+    /// (fsuid, fsgid and supplementary groups), so that root in slurmstepd
+    /// asks "may the user read this" as the user and learns nothing the
+    /// user could not. Default (srun, tests: already the user): in place.
+    fn as_job_user(&self, f: &mut (dyn FnMut() + Send)) -> Result<(), HostError> {
+        f();
+        Ok(())
+    }
 }
 
 /// Why a callback fails the job. `Display` is the one line the user sees.
@@ -180,6 +194,12 @@ struct State {
     /// A problem found on a node, reported from the task (PLATFORM.md:
     /// errors from slurmstepd's own callbacks do not reach the srun user).
     deferred: Option<String>,
+    /// On a node: the first option value that failed validation. srun
+    /// checks what it is given, but values can reach the node only through
+    /// the job environment (Slurm's `_SLURM_SPANK_OPTION_*` variables), and
+    /// slurmstepd ignores a failed option callback: the step must fail
+    /// with the message srun would have printed, not run without the option.
+    option_error: Option<String>,
     /// On a node: the image every task of this step runs, and the runtime.
     plan: Option<(Pin, Plan)>,
     /// On a node: when the step started, the OOM-kill counter then, and
@@ -202,6 +222,7 @@ impl State {
                 writable_tmpfs: false,
             },
             deferred: None,
+            option_error: None,
             plan: None,
             started_ms: 0,
             oom_at_start: None,
@@ -251,13 +272,20 @@ pub fn init(host: &mut dyn Host, args: &[String]) -> Result<(), PluginError> {
 /// anything.
 pub fn on_option(val: i32, arg: Option<&str>, remote: bool) -> Result<(), PluginError> {
     let id = OptionId::from_val(val).ok_or(PluginError::UnknownOption(val))?;
-    let result = state().options.apply(id, arg);
-    if let Err(e) = &result {
-        if remote {
+    let mut st = state();
+    let result = st.options.apply(id, arg);
+    match result {
+        Err(e) if remote => {
+            // The message is escaped (OptionError's Display) and so is the
+            // log line (the log sink).
             log::error!("option received on the node is invalid: {e}");
+            st.option_error.get_or_insert_with(|| e.to_string());
+            // Recorded for task_init, where the user's stderr is; an error
+            // returned here is only logged by slurmstepd.
+            Ok(())
         }
+        other => other.map_err(PluginError::from),
     }
-    result.map_err(PluginError::from)
 }
 
 /// `slurm_spank_init_post_opt`: the options are known; fail early if the
@@ -268,6 +296,13 @@ pub fn init_post_opt(host: &mut dyn Host) -> Result<(), PluginError> {
     fault_injection(host, "init_post_opt");
     let ctx = host.context();
     let mut st = state();
+    if ctx == Context::Remote {
+        if let Some(e) = st.option_error.clone() {
+            // Exactly the line srun prints for the same value.
+            st.deferred = Some(e);
+            return Ok(());
+        }
+    }
     if !st.options.any() {
         return Ok(());
     }
@@ -346,8 +381,12 @@ fn resolve_in_srun(
         }
         Err(e) => return Err(e.into()),
     };
-    let resolved = registry.resolve(image)?;
-    integrity::quick(&resolved.path, resolved.catalog_size)?;
+    let Opened {
+        pin: resolved,
+        mut file,
+        meta,
+    } = registry.resolve_open(image, None)?;
+    integrity::quick_file(&mut file, &meta, &resolved.path, resolved.catalog_size)?;
     log::debug!(
         "image '{image}' is {} ({} bytes)",
         resolved.path.display(),
@@ -388,7 +427,10 @@ fn recorded_srun_argv(host: &dyn Host) -> Vec<String> {
 }
 
 /// On a node, as root: the image this step runs, verified, and how to run
-/// each task in it.
+/// each task in it. The image is resolved here, from the catalog this node
+/// reads; srun's pin (the job environment, which the user controls) may
+/// only confirm it. The user's right to read the image is asked as the
+/// user before root opens it; the hash stops when the job is cancelled.
 fn prepare_on_node(
     host: &dyn Host,
     config: &SiteConfig,
@@ -396,29 +438,28 @@ fn prepare_on_node(
 ) -> Result<(Pin, Plan), PluginError> {
     let image = opts.image.as_deref().ok_or(PluginError::NoImage)?;
     let registry = Registry::open(&config.registry)?;
-    let pin = match host.getenv(PIN_ENV) {
-        Some(text) => {
-            let pin = Pin::decode(&text)?;
-            if pin.reference != image {
-                return Err(RegistryError::BadPin {
-                    reason: format!("it is for '{}', the step asks for '{image}'", pin.reference),
-                }
-                .into());
-            }
-            registry.check_pin(&pin)?;
-            pin
-        }
-        None => registry.resolve(image)?,
+    let may_read = |path: &Path| user_may_read(host, path);
+    let check = UserCheck {
+        user: job_user_name(host),
+        may_read: &may_read,
     };
+    let opened = registry.resolve_open(image, Some(&check))?;
+    if let Some(text) = host.getenv(PIN_ENV) {
+        opened.pin.confirms(&Pin::decode(&text)?)?;
+    }
+    let Opened { pin, file, meta } = opened;
     let how = integrity::verify(
         &pin,
+        file,
+        &meta,
         registry.verify_level(),
         Some(config.registry.hash_cache.as_path()),
+        &|| host.cancelled(),
     )?;
     log::info!(
         "image {} = {} verified: {}",
-        pin.display_name(),
-        pin.path.display(),
+        registry::escaped(&pin.display_name()),
+        registry::escaped(&pin.path.to_string_lossy()),
         match how {
             Verified::Quick => "size and SIF structure".to_string(),
             Verified::Cached => "sha256 (cached on this node)".to_string(),
@@ -433,8 +474,8 @@ fn prepare_on_node(
             launch::RUNTIME_DIRS.join(", ")
         ))
     })?;
-    let (binds, notes) = launch::binds(config, &opts.mounts, &|p| p.exists())?;
-    for n in notes {
+    let (binds, note) = launch::binds(config, &opts.mounts, &|p| p.exists())?;
+    if let Some(n) = note {
         log::info!("{n}");
     }
     let plan = Plan {
@@ -448,8 +489,58 @@ fn prepare_on_node(
         workdir: opts.workdir.clone(),
         writable_tmpfs: opts.writable_tmpfs,
         extra_args: config.runtime.extra_args.clone(),
+        quiet: config.runtime.quiet,
     };
     Ok((pin, plan))
+}
+
+/// The job's user name for messages (the uid when it has none).
+fn job_user_name(host: &dyn Host) -> String {
+    match host.job_ids() {
+        Some((uid, _)) => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map_or_else(|| format!("uid {uid}"), |u| u.name),
+        None => "?".to_string(),
+    }
+}
+
+/// Whether the job's user can open `path` for reading, asked as the user
+/// (the one safe open: a FIFO or a symlink is refused without blocking).
+/// A file that is not a regular one passes here: root's own safe open
+/// refuses it next, with the message that says so.
+fn user_may_read(host: &dyn Host, path: &Path) -> std::io::Result<()> {
+    let path = path.to_path_buf();
+    let mut outcome = Err(std::io::Error::other(
+        "the check as the job's user did not run",
+    ));
+    host.as_job_user(&mut || {
+        outcome = match secure::open_regular(&path) {
+            Ok(_) | Err(secure::TrustError::NotRegular { .. }) => Ok(()),
+            Err(secure::TrustError::Io { source, .. }) => Err(source),
+            Err(other) => Err(std::io::Error::other(other.to_string())),
+        };
+    })
+    .map_err(|e| std::io::Error::other(format!("cannot act as the job's user: {e}")))?;
+    outcome
+}
+
+/// Bind sources the job's user cannot see, asked as the user: root's own
+/// answer would tell the user whether a path they cannot see exists. When
+/// the check cannot run as the user, nothing is reported.
+fn missing_as_user(host: &dyn Host, binds: &[crate::options::Mount]) -> Vec<std::path::PathBuf> {
+    let sources: Vec<std::path::PathBuf> = binds.iter().map(|b| b.src.clone()).collect();
+    let mut missing = Vec::new();
+    let asked = host.as_job_user(&mut || {
+        missing = sources.iter().filter(|p| !p.exists()).cloned().collect();
+    });
+    match asked {
+        Ok(()) => missing,
+        Err(e) => {
+            log::warn!("cannot check bind sources as the job's user: {e}");
+            Vec::new()
+        }
+    }
 }
 
 /// The prefix that makes Apptainer/Singularity put a variable into the
@@ -466,9 +557,16 @@ fn runtime_env_prefix(kind: RuntimeKind) -> Option<&'static str> {
 /// Sets the contract for this task: each variable the user has not set,
 /// and, so that the image's `%environment` cannot override it, the
 /// runtime's prefixed copy of the value in effect (the user's or ours).
+///
+/// A task that runs an elastic launcher (torchrun) gets the step's
+/// MASTER_ADDR/MASTER_PORT and the site's variables only: the launcher
+/// numbers its own workers ([`distenv::PER_WORKER`]).
 fn set_task_env(host: &mut dyn Host, config: &SiteConfig) -> Result<(), PluginError> {
     let facts = TaskFacts::from_env(&|k| host.getenv(k))?;
-    let vars = distenv::contract(config, &facts)?;
+    let mut vars = distenv::contract(config, &facts)?;
+    if distenv::is_elastic_launcher(&host.job_argv().unwrap_or_default()) {
+        vars.retain(|(k, _)| !distenv::PER_WORKER.contains(&k.as_str()));
+    }
     let prefix = runtime_env_prefix(config.runtime.kind);
     let mut effective = Vec::with_capacity(vars.len());
     let ours = distenv::to_set(vars.clone(), &|k| host.getenv(k));
@@ -534,11 +632,13 @@ fn hostname() -> String {
 pub fn task_init(host: &mut dyn Host) -> Result<(), PluginError> {
     fault_injection(host, "task_init");
     let st = state();
-    if !st.options.any() {
-        return Ok(());
-    }
+    // Before `any()`: a bad image value leaves no option set, and the
+    // step must still fail rather than run outside the container.
     if let Some(e) = &st.deferred {
         return Err(PluginError::Node(e.clone()));
+    }
+    if !st.options.any() {
+        return Ok(());
     }
     let Some(Ok(config)) = &st.config else {
         return Ok(());
@@ -562,48 +662,69 @@ pub fn task_init(host: &mut dyn Host) -> Result<(), PluginError> {
         &st.options,
         launch::step_has_gpus(&|k| host.getenv(k)),
     );
+    add_mpi_binds(&mut plan, config, host);
     check_as_user(&plan, &hostname())?;
     // The command: a bare name the user typed is looked up in the image.
     let task_argv = host.job_argv().unwrap_or_default();
     let resolved = task_argv.first().cloned().unwrap_or_default();
     let typed = launch::typed_command(&recorded_srun_argv(host), &task_argv);
-    let command = launch::container_argv0(typed.as_deref(), &resolved);
-    if let Some(bare) = &command {
-        host.set_argv0(bare)?;
-    }
+    let bare = launch::container_argv0(typed.as_deref(), &resolved);
     log::info!(
         "task {}: runtime command: {} {}",
         host.getenv("SLURM_PROCID").unwrap_or_default(),
         plan.prefix().join(" "),
-        command.as_deref().unwrap_or(&resolved)
+        bare.as_deref().unwrap_or(&resolved)
     );
-    match host.prepend_argv(&plan.prefix()) {
-        Ok(()) => Ok(()),
-        Err(HostError::Unsupported(_)) => {
-            // Before Slurm 23.11 the task's argv cannot grow: argv[0]
-            // becomes the launcher, which reads the prefix and the command
-            // from the environment and execs them (TaskProlog, TMPDIR,
-            // rlimits and cgroups are already in place: nothing is exec'd
-            // from task_init itself).
-            let launcher = config.runtime.launcher.as_path();
-            if !is_executable(launcher) {
-                return Err(PluginError::Node(format!(
-                    "node {}: cannot run {}: the launcher {} is missing (needed on Slurm < \
-                     23.11); install the slurm-ml-container package on this node",
-                    hostname(),
-                    pin.display_name(),
-                    launcher.display()
-                )));
-            }
-            let spec = launch::LaunchSpec {
-                prefix: plan.prefix(),
-                command: command.unwrap_or(resolved),
-            };
-            host.set_job_env(launch::LAUNCH_ENV, &spec.encode())?;
-            host.set_argv0(&launcher.to_string_lossy())?;
-            Ok(())
+    // argv[0] becomes the launcher, which reads the prefix and the command
+    // from the environment and runs them (TaskProlog, TMPDIR, rlimits and
+    // cgroups are already in place: nothing is exec'd from task_init
+    // itself). It stays the task's process so that a failed task can name
+    // its report on its own stderr (src/bin/ml-container-launch.rs).
+    let launcher = config.runtime.launcher.as_path();
+    if !is_executable(launcher) {
+        return Err(PluginError::Node(format!(
+            "node {}: cannot run {}: the launcher {} is missing; install the \
+             slurm-ml-container package on this node",
+            hostname(),
+            pin.display_name(),
+            launcher.display()
+        )));
+    }
+    let spec = launch::LaunchSpec {
+        prefix: plan.prefix(),
+        in_image: bare.is_some(),
+        command: bare.unwrap_or(resolved),
+        can_probe: matches!(plan.kind, RuntimeKind::Apptainer | RuntimeKind::Singularity),
+        task: Some(launch::TaskLabel {
+            job: host.job_id().unwrap_or(0),
+            step: host.step_id().unwrap_or(0),
+            rank: host.task_global_id().unwrap_or(0),
+            node: hostname(),
+            image: pin.display_name(),
+        }),
+    };
+    host.set_job_env(launch::LAUNCH_ENV, &spec.encode())?;
+    host.set_argv0(&launcher.to_string_lossy())?;
+    Ok(())
+}
+
+/// `srun --mpi=pmix`: Slurm's PMIx server directory (and munge's socket
+/// directory) bound into the container ([`launch::mpi_binds`]). Slurm puts
+/// PMIX_* into the task's environment, so this is decided per task, here,
+/// as the user. The values come from the job's environment like a user's
+/// own --ml-container-mounts, so the site's denied paths apply to them too.
+fn add_mpi_binds(plan: &mut Plan, config: &SiteConfig, host: &dyn Host) {
+    let denied = launch::denied_paths(config);
+    for m in launch::mpi_binds(&|k| host.getenv(k), &|p| p.is_dir()) {
+        if let Some(d) = launch::denied_by(&m.src, &denied) {
+            log::warn!(
+                "MPI bind {} not made: {} is denied by runtime.denied_binds",
+                m.src.display(),
+                d.display()
+            );
+        } else if !plan.binds.iter().any(|b| b.dst == m.dst) {
+            plan.binds.push(m);
         }
-        Err(e) => Err(e.into()),
     }
 }
 
@@ -622,7 +743,10 @@ fn check_as_user(plan: &Plan, node: &str) -> Result<(), PluginError> {
             plan.runtime.display()
         ));
     }
-    if let Err(e) = std::fs::File::open(&plan.image) {
+    // The one safe open, here as the user: a path swapped for a FIFO or a
+    // symlink since slurmstepd verified it fails at once instead of
+    // blocking the task.
+    if let Err(e) = secure::open_regular(&plan.image) {
         return fail(format!(
             "cannot read image {}: {e}; ask the admins to make it readable (chmod o+r)",
             plan.image.display()
@@ -736,8 +860,11 @@ pub fn task_exit(host: &mut dyn Host) -> Result<(), PluginError> {
         *oom_at_start,
         dist,
     );
-    let gid = host.job_ids().map_or(0, |(_, g)| g);
-    match rep.write(config.failure.report_dir.as_path(), gid) {
+    let Some((uid, gid)) = host.job_ids() else {
+        log::error!("no job uid/gid from Slurm: not writing the failure report");
+        return Ok(());
+    };
+    match rep.write(config.failure.report_dir.as_path(), uid, gid) {
         Ok(path) => log::info!("failure report: {}", path.display()),
         Err(e) => log::error!(
             "cannot write the failure report under {}: {e}",
@@ -762,15 +889,17 @@ fn build_report(
     let get = |k: &str| host.getenv(k);
     // The node's share of the contract: values the user set win, RANK and
     // LOCAL_RANK are per task (see `tasks`).
-    let (environment, dist_error): (std::collections::BTreeMap<String, String>, _) = if dist {
-        match distenv::facts_for(&get, None).and_then(|f| distenv::contract(config, &f)) {
+    // The contract with MASTER_ADDR as the host name (Slurm's step node
+    // list, which slurmstepd sets over the user's environment): with
+    // `distributed.addr = "ip"` the contract would resolve it here, without
+    // a deadline; the probe resolves it within probe_timeout instead.
+    let mut by_name = config.clone();
+    by_name.distributed.addr = crate::config::AddrKind::Hostname;
+    let (contract, dist_error): (std::collections::BTreeMap<String, String>, _) = if dist {
+        match distenv::facts_for(&get, None).and_then(|f| distenv::contract(&by_name, &f)) {
             Ok(vars) => (
                 vars.into_iter()
                     .filter(|(k, _)| k != "RANK" && k != "LOCAL_RANK" && k != "NODE_RANK")
-                    .map(|(k, v)| {
-                        let v = get(&k).unwrap_or(v);
-                        (k, v)
-                    })
                     .collect(),
                 None,
             ),
@@ -779,10 +908,18 @@ fn build_report(
     } else {
         (Default::default(), None)
     };
-    let master = match (
-        environment.get("MASTER_ADDR"),
-        environment.get("MASTER_PORT"),
-    ) {
+    // What the tasks had: a value the user set wins (it is what they ran
+    // with), escaped and capped like every job string in a report.
+    let environment: std::collections::BTreeMap<String, String> = contract
+        .iter()
+        .map(|(k, v)| {
+            let v = get(k).map_or_else(|| v.clone(), |u| crate::jobtext::field(&u));
+            (k.clone(), v)
+        })
+        .collect();
+    // The probe goes only to the plugin's own MASTER_ADDR:MASTER_PORT
+    // (issue 10, L5): root never connects where the job environment says.
+    let master = match (contract.get("MASTER_ADDR"), contract.get("MASTER_PORT")) {
         (Some(a), Some(p)) => p
             .parse()
             .ok()
@@ -834,7 +971,6 @@ fn build_report(
         issues_found: Vec::new(),
         recommendations: Vec::new(),
     };
-    use std::os::unix::fs::PermissionsExt;
     let ctx = report::Context {
         runtime_is_apptainer: matches!(
             plan.kind,
@@ -847,14 +983,9 @@ fn build_report(
                 .iter()
                 .any(|k| get(k).is_some())
             || get("SLURM_TRES_PER_TASK").is_some_and(|v| v.contains("gpu")),
-        image_readable_by_others: std::fs::metadata(&pin.path)
-            .is_ok_and(|m| m.permissions().mode() & 0o004 != 0),
-        missing_bind_sources: plan
-            .binds
-            .iter()
-            .filter(|b| !b.src.exists())
-            .map(|b| b.src.clone())
-            .collect(),
+        // From the fstat of the fd that was verified: no path lookup as root.
+        image_readable_by_others: pin.mode.is_some_and(|m| m & 0o004 != 0),
+        missing_bind_sources: missing_as_user(host, &plan.binds),
     };
     rep.analyze(&ctx);
     rep
@@ -930,9 +1061,6 @@ mod tests {
                 Some(v) => self.env.insert(name.to_string(), v.to_string()),
                 None => self.env.remove(name),
             };
-        }
-        fn prepend_argv(&mut self, _: &[String]) -> Result<(), HostError> {
-            Err(HostError::Unsupported("test"))
         }
         fn set_job_env(&mut self, name: &str, value: &str) -> Result<(), HostError> {
             self.env.insert(name.to_string(), value.to_string());
@@ -1038,6 +1166,32 @@ mod tests {
         init_post_opt(&mut h).unwrap();
         let e = task_init(&mut h).unwrap_err().to_string();
         assert!(e.contains("runtime.gpus"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_value_only_the_node_sees_fails_the_task_with_sruns_message() {
+        let _g = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+        let srun_says = on_option(OptionId::Gpus as i32, Some("bo\ngus"), false)
+            .unwrap_err()
+            .to_string();
+        for (id, value) in [(OptionId::Gpus, "bo\ngus"), (OptionId::Image, "demo\nFAKE")] {
+            let mut h = FakeHost::new(Context::Remote);
+            init(&mut h, &[]).unwrap();
+            on_option(id as i32, Some(value), true).unwrap();
+            init_post_opt(&mut h).unwrap();
+            let e = task_init(&mut h).unwrap_err().to_string();
+            assert!(!e.contains('\n'), "{e}");
+            if id == OptionId::Gpus {
+                assert_eq!(e, srun_says);
+            } else {
+                assert!(e.contains("invalid --ml-container='demo\\nFAKE'"), "{e}");
+            }
+        }
+        // A clean job on the next step of the same process is not affected.
+        let mut h = FakeHost::new(Context::Remote);
+        init(&mut h, &[]).unwrap();
+        init_post_opt(&mut h).unwrap();
+        task_init(&mut h).unwrap();
     }
 
     #[test]

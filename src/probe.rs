@@ -7,9 +7,10 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -200,12 +201,62 @@ pub struct MasterProbe {
     pub error: Option<String>,
 }
 
+/// Whether `addr:port` accepts a TCP connection, the whole probe (name
+/// resolution included) within `timeout`. The caller passes the plugin's
+/// own MASTER_ADDR:MASTER_PORT (computed from Slurm's step facts and the
+/// site config), never a value from the job environment: root connecting
+/// wherever a job says would be a port scan from root (issue 10, L5).
 pub fn probe_master(addr: &str, port: u16, timeout: Duration) -> MasterProbe {
-    let result = (addr, port)
-        .to_socket_addrs()
-        .map_err(|e| e.to_string())
-        .and_then(|mut it| it.next().ok_or_else(|| "no address".to_string()))
-        .and_then(|sa| TcpStream::connect_timeout(&sa, timeout).map_err(|e| e.to_string()));
+    probe_master_with(addr, port, timeout, |a: String, p: u16| {
+        (a.as_str(), p).to_socket_addrs().map(Iterator::collect)
+    })
+}
+
+/// [`probe_master`] with the name resolution given: glibc's resolver takes
+/// no timeout (and allows ~30 s when DNS is down), so it runs in a thread of
+/// its own that is abandoned at the deadline; it ends by itself later.
+pub fn probe_master_with<R>(addr: &str, port: u16, timeout: Duration, resolve: R) -> MasterProbe
+where
+    R: FnOnce(String, u16) -> std::io::Result<Vec<SocketAddr>> + Send + 'static,
+{
+    let deadline = Instant::now() + timeout;
+    let resolved: Result<Vec<SocketAddr>, String> = match addr.parse::<IpAddr>() {
+        Ok(ip) => Ok(vec![SocketAddr::new(ip, port)]),
+        Err(_) => {
+            let (tx, rx) = mpsc::sync_channel(1);
+            let name = addr.to_string();
+            let spawned = std::thread::Builder::new()
+                .name("mlc-resolve".into())
+                .spawn(move || {
+                    let _ = tx.send(resolve(name, port));
+                });
+            match spawned {
+                Err(e) => Err(format!("cannot start the name lookup: {e}")),
+                Ok(_) => match rx.recv_timeout(timeout) {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!(
+                        "name resolution did not finish within {} ms (failure.probe_timeout)",
+                        timeout.as_millis()
+                    )),
+                },
+            }
+        }
+    };
+    let result = resolved.and_then(|addrs| {
+        let mut last = "no address".to_string();
+        for sa in addrs {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                last = format!("no answer within {} ms", timeout.as_millis());
+                break;
+            }
+            match TcpStream::connect_timeout(&sa, left) {
+                Ok(_) => return Ok(()),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(last)
+    });
     MasterProbe {
         addr: addr.to_string(),
         port,
@@ -424,5 +475,111 @@ mod tests {
         drop(l);
         let p = probe_master("127.0.0.1", port, Duration::from_secs(1));
         assert!(!p.reachable && p.error.is_some());
+    }
+
+    #[test]
+    fn a_hanging_resolver_costs_at_most_the_timeout() {
+        let t = Instant::now();
+        let p = probe_master_with("master.example", 1, Duration::from_millis(300), |_, _| {
+            std::thread::sleep(Duration::from_secs(30));
+            Ok(vec![])
+        });
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert!(!p.reachable);
+        assert!(p.error.unwrap().contains("name resolution"));
+    }
+
+    /// glibc's real resolver against a name server that never answers, in
+    /// a network and mount namespace of this test's own (loopback only):
+    /// the probe returns within probe_timeout while a plain lookup is still
+    /// waiting. Needs root (unshare); runs the helper below in there.
+    #[test]
+    fn a_real_dns_hang_is_bounded() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root for its own namespaces");
+            return;
+        }
+        let exe = std::env::current_exe().unwrap();
+        let out = Command::new("unshare")
+            .args(["--mount", "--net", "--"])
+            .arg(exe)
+            .args([
+                "--exact",
+                "probe::tests::dns_hang_helper",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("MLC_DNS_HANG_HELPER", "1")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("dns-hang-helper: ok"), "{text}");
+    }
+
+    #[test]
+    #[ignore = "run by a_real_dns_hang_is_bounded inside its own namespaces"]
+    fn dns_hang_helper() {
+        if std::env::var_os("MLC_DNS_HANG_HELPER").is_none() {
+            return;
+        }
+        let run = |argv: &[&str]| {
+            let st = Command::new(argv[0]).args(&argv[1..]).status().unwrap();
+            assert!(st.success(), "{argv:?}");
+        };
+        run(&["mount", "--make-rprivate", "/"]);
+        run(&["ip", "link", "set", "lo", "up"]);
+        // A name server that reads queries and never answers.
+        let server = std::net::UdpSocket::bind("127.0.0.1:53").unwrap();
+        let conf = std::env::temp_dir().join(format!("mlc-resolv-{}", std::process::id()));
+        fs::write(
+            &conf,
+            "nameserver 127.0.0.1\noptions timeout:30 attempts:1\n",
+        )
+        .unwrap();
+        run(&[
+            "mount",
+            "--bind",
+            conf.to_str().unwrap(),
+            "/etc/resolv.conf",
+        ]);
+        let name = "master.mlc-dns-hang.test";
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send((name, 1u16).to_socket_addrs().map(|_| ()));
+        });
+        let t = Instant::now();
+        let p = probe_master(name, 29500, Duration::from_secs(2));
+        let took = t.elapsed();
+        let _ = fs::remove_file(&conf);
+        assert!(!p.reachable, "{p:?}");
+        assert!(
+            took < Duration::from_millis(2500),
+            "the probe took {took:?}"
+        );
+        assert!(
+            p.error
+                .as_deref()
+                .unwrap_or_default()
+                .contains("name resolution"),
+            "{p:?}"
+        );
+        // The resolver really hangs: it asked our server, and a plain
+        // lookup started before the probe has still no answer.
+        server
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        let mut buf = [0u8; 512];
+        assert!(server.recv_from(&mut buf).is_ok(), "no DNS query was sent");
+        assert!(
+            rx.try_recv().is_err(),
+            "the plain lookup finished: the resolver did not hang"
+        );
+        println!("dns-hang-helper: ok ({took:?})");
     }
 }

@@ -8,22 +8,31 @@
 //! else is an error that lists the closest names.
 //!
 //! srun resolves once and sends the result to the nodes as a [`Pin`] (path,
-//! size, sha256) in the job environment, so every node runs the same file
-//! even if the catalog changes during the launch.
+//! size, sha256) in the job environment. The job environment is the
+//! user's, so a node never believes a pin: it resolves the image again from
+//! the catalog it reads itself, and the pin may only confirm that srun and
+//! the node agree ([`Pin::confirms`]); when they do not (the catalog was
+//! rewritten during the launch) the step fails rather than nodes running
+//! different images. What is verified (expected size, sha256) comes only
+//! from the node's own catalog.
+//!
+//! Images are opened once, by [`secure::open_regular`], and everything
+//! after (size, structure, hash) is read from that fd. On a node, root first
+//! asks whether the job's user may read the file, as that user, so root
+//! never reads (or reveals in an error) a file the user could not.
 #![forbid(unsafe_code)]
 
 use std::cell::OnceCell;
 use std::fmt;
-use std::fs;
+use std::fs::{self, File, Metadata};
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{self, Catalog, CatalogError, RegistrySettings};
 use crate::config::{RegistryConfig, VerifyLevel};
-use crate::secure::{self, TrustError};
+use crate::secure::{self, ReadText, TrustError};
 
 /// The job environment variable that carries srun's resolution to the nodes.
 pub const PIN_ENV: &str = "ML_CONTAINER_PIN";
@@ -32,6 +41,12 @@ pub const PIN_ENV: &str = "ML_CONTAINER_PIN";
 pub const IMAGE_SUFFIXES: &[&str] = &[".sif", ".sqfs"];
 /// How many close names an "unknown image" error lists.
 pub const SUGGESTIONS: usize = 5;
+/// The largest pin text a node parses: a pin is a few hundred bytes; the
+/// job environment is the user's and may hold anything.
+pub const MAX_PIN_BYTES: usize = 16 << 10;
+/// Caps on the pin's fields, checked before any use.
+pub const MAX_PIN_PATH: usize = 4096;
+pub const MAX_PIN_REFERENCE: usize = 1024;
 
 #[derive(Debug)]
 pub enum RegistryError {
@@ -75,12 +90,21 @@ pub enum RegistryError {
         reference: String,
         path: PathBuf,
     },
+    /// srun's pin and this node's own resolution differ in `what`.
     PinChanged {
+        reference: String,
         path: PathBuf,
-        what: String,
+        what: &'static str,
     },
     BadPin {
         reason: String,
+    },
+    /// On a node: the job's user cannot read the image (asked as the user,
+    /// before root opens it).
+    UserCannotRead {
+        path: PathBuf,
+        user: String,
+        source: io::Error,
     },
 }
 
@@ -117,7 +141,7 @@ impl fmt::Display for RegistryError {
                 reference,
                 suggestions,
             } => {
-                write!(f, "unknown image '{reference}'")?;
+                write!(f, "unknown image '{}'", escaped(reference))?;
                 if !suggestions.is_empty() {
                     write!(f, "; closest: {}", suggestions.join(", "))?;
                 }
@@ -129,9 +153,10 @@ impl fmt::Display for RegistryError {
                 allowed,
             } => write!(
                 f,
-                "image '{reference}' resolves to {}, outside the allowed image directories ({}): \
+                "image '{}' resolves to {}, outside the allowed image directories ({}): \
                  copy the image there or ask the admins to allow its directory",
-                resolved.display(),
+                escaped(reference),
+                escaped(&resolved.to_string_lossy()),
                 allowed
                     .iter()
                     .map(|p| p.display().to_string())
@@ -144,25 +169,40 @@ impl fmt::Display for RegistryError {
                 source,
             } => write!(
                 f,
-                "image '{reference}': {} cannot be used: {source} (is the catalog stale? \
+                "image '{}': {} cannot be used: {source} (is the catalog stale? \
                  'ml-container verify' checks it)",
-                path.display()
+                escaped(reference),
+                escaped(&path.to_string_lossy())
             ),
             RegistryError::NotFile { reference, path } => write!(
                 f,
-                "image '{reference}': {} is not a regular file",
-                path.display()
+                "image '{}': {} is not a regular file; use a .sif file",
+                escaped(reference),
+                escaped(&path.to_string_lossy())
             ),
-            RegistryError::PinChanged { path, what } => write!(
+            RegistryError::PinChanged {
+                reference,
+                path,
+                what,
+            } => write!(
                 f,
-                "image {} changed after srun chose it ({what}): every node must run the same \
-                 image, so the step is stopped; submit it again",
-                path.display()
+                "image '{}' changed after srun chose it: this node's catalog names {} with \
+                 another {what} than srun saw (the catalog was rewritten during the launch); \
+                 every node must run the same image, so the step is stopped; submit it again",
+                escaped(reference),
+                escaped(&path.to_string_lossy())
             ),
             RegistryError::BadPin { reason } => write!(
                 f,
                 "the image choice srun passed in {PIN_ENV} is invalid ({reason}); do not set \
                  {PIN_ENV} yourself"
+            ),
+            RegistryError::UserCannotRead { path, user, source } => write!(
+                f,
+                "cannot read image {} as user {}: {source}; ask the admins to make it readable \
+                 (chmod o+r)",
+                escaped(&path.to_string_lossy()),
+                escaped(user)
             ),
         }
     }
@@ -195,6 +235,10 @@ pub struct Pin {
     /// The size the catalog records, if any.
     pub catalog_size: Option<u64>,
     pub sha256: Option<String>,
+    /// The file's mode, from `fstat` of the fd that was verified (for the
+    /// report; never sent to the nodes).
+    #[serde(skip)]
+    pub mode: Option<u32>,
 }
 
 impl Pin {
@@ -204,16 +248,67 @@ impl Pin {
         toml::to_string(self).unwrap_or_default()
     }
 
+    /// Parses a pin from the job environment, which the user controls: the
+    /// text and every field are checked against caps and character rules
+    /// before anything uses them, and no part of a refused pin is echoed
+    /// (a reason names the field, never its value).
     pub fn decode(text: &str) -> Result<Pin, RegistryError> {
-        let pin: Pin = toml::from_str(text).map_err(|e| RegistryError::BadPin {
-            reason: e.message().to_string(),
-        })?;
-        if !pin.path.is_absolute() {
-            return Err(RegistryError::BadPin {
-                reason: "relative path".to_string(),
-            });
+        let bad = |reason: &str| RegistryError::BadPin {
+            reason: reason.to_string(),
+        };
+        if text.len() > MAX_PIN_BYTES {
+            return Err(bad("too long"));
+        }
+        let pin: Pin = toml::from_str(text).map_err(|_| bad("not a pin"))?;
+        let path = pin.path.to_str().ok_or_else(|| bad("path is not UTF-8"))?;
+        if !path.starts_with('/') || path.len() > MAX_PIN_PATH || has_control(path) {
+            return Err(bad("path must be absolute, printable, at most 4096 bytes"));
+        }
+        if pin.reference.is_empty()
+            || pin.reference.len() > MAX_PIN_REFERENCE
+            || pin
+                .reference
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(bad(
+                "reference must be printable, without spaces, at most 1024 bytes",
+            ));
+        }
+        if pin.name.as_deref().is_some_and(|n| !catalog::valid_name(n))
+            || pin.tag.as_deref().is_some_and(|t| !catalog::valid_tag(t))
+        {
+            return Err(bad("name or tag is not a catalog name"));
+        }
+        if pin.sha256.as_deref().is_some_and(|h| !is_sha256_hex(h)) {
+            return Err(bad("sha256 must be 64 lowercase hex digits"));
         }
         Ok(pin)
+    }
+
+    /// On a node: does srun's pin (`srun`) name exactly what this node
+    /// resolved (`self`)? A pin can only confirm, never choose: path, size
+    /// and sha256 all come from the node's own resolution.
+    pub fn confirms(&self, srun: &Pin) -> Result<(), RegistryError> {
+        let what = if srun.reference != self.reference {
+            Some("image name")
+        } else if srun.path != self.path {
+            Some("file")
+        } else if srun.size != self.size {
+            Some("size")
+        } else if srun.sha256 != self.sha256 || srun.catalog_size != self.catalog_size {
+            Some("sha256 or size in the catalog")
+        } else {
+            None
+        };
+        match what {
+            None => Ok(()),
+            Some(what) => Err(RegistryError::PinChanged {
+                reference: self.reference.clone(),
+                path: self.path.clone(),
+                what,
+            }),
+        }
     }
 
     /// `name:tag` when known, else the reference.
@@ -223,6 +318,58 @@ impl Pin {
             _ => self.reference.clone(),
         }
     }
+}
+
+/// An image resolved and opened the one safe way: the open file is what
+/// every later check (size, structure, hash) reads.
+#[derive(Debug)]
+pub struct Opened {
+    pub pin: Pin,
+    pub file: File,
+    /// `fstat` of `file`.
+    pub meta: Metadata,
+}
+
+/// "May the job's user read this path?", asked as that user (on a node,
+/// where the plugin is root): the user's name for messages, and the check.
+pub struct UserCheck<'a> {
+    pub user: String,
+    pub may_read: &'a dyn Fn(&Path) -> io::Result<()>,
+}
+
+impl fmt::Debug for UserCheck<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "UserCheck({})", self.user)
+    }
+}
+
+/// This process's user name (the uid when it has none).
+fn this_user() -> String {
+    let uid = nix::unistd::geteuid();
+    nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map_or_else(|| format!("uid {uid}"), |u| u.name)
+}
+
+fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A string from a job, safe for one log line: escaped and capped.
+pub fn escaped(s: &str) -> String {
+    const CAP: usize = 512;
+    let mut out: String = s.chars().take(CAP).flat_map(char::escape_default).collect();
+    if s.chars().nth(CAP).is_some() {
+        out.push_str("...");
+    }
+    out
 }
 
 /// The registry as seen from this process.
@@ -247,10 +394,9 @@ impl<'a> Registry<'a> {
                 source,
             })?;
         let settings_path = root.join(catalog::REGISTRY_CONFIG_PATH);
-        let settings = match fs::symlink_metadata(&settings_path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => RegistrySettings::default(),
-            _ => {
-                let text = read_trusted(&settings_path, &trusted_uids(cfg)?)?;
+        let settings = match read_trusted(&settings_path, &trusted_uids(cfg)?)? {
+            None => RegistrySettings::default(),
+            Some(text) => {
                 RegistrySettings::parse(&settings_path, &text).map_err(RegistryError::Catalog)?
             }
         };
@@ -286,9 +432,9 @@ impl<'a> Registry<'a> {
             return Ok(c);
         }
         let path = self.root.join(catalog::CATALOG_PATH);
-        let parsed = match fs::symlink_metadata(&path) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Catalog::default(),
-            _ => load_catalog(&path, &trusted_uids(self.cfg)?)?,
+        let parsed = match read_trusted(&path, &trusted_uids(self.cfg)?)? {
+            None => Catalog::default(),
+            Some(text) => Catalog::parse(&path, &text).map_err(RegistryError::Catalog)?,
         };
         Ok(self.catalog.get_or_init(|| parsed))
     }
@@ -297,8 +443,20 @@ impl<'a> Registry<'a> {
         &self.root
     }
 
-    /// Resolves what the user typed to one image file.
+    /// Resolves what the user typed to one image file (opened, checked,
+    /// then closed: for the CLI and srun, which run as the user).
     pub fn resolve(&self, reference: &str) -> Result<Pin, RegistryError> {
+        self.resolve_open(reference, None).map(|o| o.pin)
+    }
+
+    /// Resolves what the user typed to one image file and opens it the one
+    /// safe way. With `user` (on a node, as root), the user's right to read
+    /// the file is checked as the user before root opens it.
+    pub fn resolve_open(
+        &self,
+        reference: &str,
+        user: Option<&UserCheck<'_>>,
+    ) -> Result<Opened, RegistryError> {
         let bad = |reason| RegistryError::BadReference {
             reference: reference.to_string(),
             reason,
@@ -318,7 +476,7 @@ impl<'a> Registry<'a> {
                     "an absolute image path must name a .sif (or .sqfs) file",
                 ));
             }
-            return self.pin_file(reference, Source::Path, None, Path::new(reference));
+            return self.pin_file(reference, Source::Path, None, Path::new(reference), user);
         }
         if reference.starts_with('.') || reference.split('/').any(|c| c == "..") {
             return Err(bad("relative paths are not image names"));
@@ -326,22 +484,22 @@ impl<'a> Registry<'a> {
         let catalog = self.catalog()?;
         if let Some((name, tag)) = reference.rsplit_once(':') {
             if let Some(im) = catalog.get(name, tag) {
-                return self.pin_file(reference, Source::Catalog, Some(im), &im.path);
+                return self.pin_file(reference, Source::Catalog, Some(im), &im.path, user);
             }
         }
         if let Some(im) = catalog.by_alias(reference) {
-            return self.pin_file(reference, Source::Alias, Some(im), &im.path);
+            return self.pin_file(reference, Source::Alias, Some(im), &im.path, user);
         }
         if !reference.contains(':') {
             if let Some(im) = catalog.default_for(reference) {
-                return self.pin_file(reference, Source::Catalog, Some(im), &im.path);
+                return self.pin_file(reference, Source::Catalog, Some(im), &im.path, user);
             }
             if catalog::valid_name(reference) && !reference.contains('/') {
                 for dir in self.search_dirs() {
                     for suffix in IMAGE_SUFFIXES {
                         let candidate = self.root.join(dir).join(format!("{reference}{suffix}"));
                         if fs::symlink_metadata(&candidate).is_ok() {
-                            return self.pin_file(reference, Source::Scan, None, &candidate);
+                            return self.pin_file(reference, Source::Scan, None, &candidate, user);
                         }
                     }
                 }
@@ -373,7 +531,8 @@ impl<'a> Registry<'a> {
         source: Source,
         entry: Option<&catalog::Image>,
         path: &Path,
-    ) -> Result<Pin, RegistryError> {
+        user: Option<&UserCheck<'_>>,
+    ) -> Result<Opened, RegistryError> {
         let joined = if path.is_absolute() {
             path.to_path_buf()
         } else {
@@ -408,18 +567,39 @@ impl<'a> Registry<'a> {
         if !allowed.iter().any(|d| real.starts_with(d)) {
             return Err(outside(real));
         }
-        let meta = fs::metadata(&real).map_err(|source| RegistryError::Missing {
-            reference: reference.to_string(),
-            path: real.clone(),
-            source,
-        })?;
-        if !meta.is_file() {
-            return Err(RegistryError::NotFile {
-                reference: reference.to_string(),
-                path: real,
-            });
+        if let Some(u) = user {
+            (u.may_read)(&real).map_err(|source| RegistryError::UserCannotRead {
+                path: real.clone(),
+                user: u.user.clone(),
+                source,
+            })?;
         }
-        Ok(Pin {
+        let (file, meta) = secure::open_regular(&real).map_err(|e| match e {
+            TrustError::NotRegular { .. } => RegistryError::NotFile {
+                reference: reference.to_string(),
+                path: real.clone(),
+            },
+            // srun and the CLI run as the user: say so, with the fix, rather
+            // than suggest a stale catalog.
+            TrustError::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
+                RegistryError::UserCannotRead {
+                    path: real.clone(),
+                    user: user.map_or_else(this_user, |u| u.user.clone()),
+                    source,
+                }
+            }
+            TrustError::Io { source, .. } => RegistryError::Missing {
+                reference: reference.to_string(),
+                path: real.clone(),
+                source,
+            },
+            other => RegistryError::Missing {
+                reference: reference.to_string(),
+                path: real.clone(),
+                source: io::Error::other(other.to_string()),
+            },
+        })?;
+        let pin = Pin {
             reference: reference.to_string(),
             source,
             name: entry.map(|e| e.name.clone()),
@@ -428,7 +608,9 @@ impl<'a> Registry<'a> {
             size: meta.len(),
             catalog_size: entry.and_then(|e| e.size),
             sha256: entry.and_then(|e| e.sha256.clone()),
-        })
+            mode: Some(std::os::unix::fs::MetadataExt::mode(&meta)),
+        };
+        Ok(Opened { pin, file, meta })
     }
 
     /// Up to [`SUGGESTIONS`] known references closest to `reference`.
@@ -452,6 +634,11 @@ impl<'a> Registry<'a> {
 
     /// `<name>` of every `<name>.sif` in the search directories.
     pub fn scanned_names(&self) -> Vec<String> {
+        self.scanned().into_iter().map(|(n, _)| n).collect()
+    }
+
+    /// `(<name>, path)` of every `<name>.sif` in the search directories.
+    pub fn scanned(&self) -> Vec<(String, PathBuf)> {
         let mut out = Vec::new();
         for dir in self.search_dirs() {
             let Ok(entries) = fs::read_dir(self.root.join(dir)) else {
@@ -460,30 +647,11 @@ impl<'a> Registry<'a> {
             for e in entries.flatten().take(10_000) {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if let Some(stem) = IMAGE_SUFFIXES.iter().find_map(|s| name.strip_suffix(s)) {
-                    out.push(stem.to_string());
+                    out.push((stem.to_string(), e.path()));
                 }
             }
         }
         out
-    }
-
-    /// On a node: the pinned file must still be inside the allowed
-    /// directories, at the same canonical path, with the same size.
-    pub fn check_pin(&self, pin: &Pin) -> Result<(), RegistryError> {
-        let now = self.pin_file(&pin.reference, pin.source, None, &pin.path)?;
-        if now.path != pin.path {
-            return Err(RegistryError::PinChanged {
-                path: pin.path.clone(),
-                what: format!("it now resolves to {}", now.path.display()),
-            });
-        }
-        if now.size != pin.size {
-            return Err(RegistryError::PinChanged {
-                path: pin.path.clone(),
-                what: format!("size {} is now {}", pin.size, now.size),
-            });
-        }
-        Ok(())
     }
 }
 
@@ -505,25 +673,32 @@ fn trusted_uids(cfg: &RegistryConfig) -> Result<Vec<u32>, RegistryError> {
     Ok(vec![0, uid])
 }
 
-/// Reads and parses a catalog after the trust check.
+/// Reads and parses a catalog after the trust check (`ml-container` and
+/// the tests; a missing catalog is an error here).
 pub fn load_catalog(path: &Path, trusted: &[u32]) -> Result<Catalog, RegistryError> {
-    let text = read_trusted(path, trusted)?;
+    let text = read_trusted(path, trusted)?.ok_or_else(|| RegistryError::CatalogRead {
+        path: path.to_path_buf(),
+        source: io::Error::from(io::ErrorKind::NotFound),
+    })?;
     Catalog::parse(path, &text).map_err(RegistryError::Catalog)
 }
 
-/// A registry metadata file, after the trust check and a size limit.
-fn read_trusted(path: &Path, trusted: &[u32]) -> Result<String, RegistryError> {
-    let meta = secure::check_trusted_file(path, trusted).map_err(RegistryError::Untrusted)?;
-    if meta.size() > catalog::MAX_CATALOG_BYTES {
-        return Err(RegistryError::CatalogTooLarge {
+/// A registry metadata file, opened the one safe way, after the trust
+/// check (on the fd) and a size limit; `None` when it does not exist.
+fn read_trusted(path: &Path, trusted: &[u32]) -> Result<Option<String>, RegistryError> {
+    match secure::read_trusted(path, trusted, catalog::MAX_CATALOG_BYTES) {
+        Ok(ReadText::Text(t)) => Ok(Some(t)),
+        Ok(ReadText::TooLarge(size)) => Err(RegistryError::CatalogTooLarge {
             path: path.to_path_buf(),
-            size: meta.size(),
-        });
+            size,
+        }),
+        Err(TrustError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(TrustError::Io { source, .. }) => Err(RegistryError::CatalogRead {
+            path: path.to_path_buf(),
+            source,
+        }),
+        Err(e) => Err(RegistryError::Untrusted(e)),
     }
-    fs::read_to_string(path).map_err(|source| RegistryError::CatalogRead {
-        path: path.to_path_buf(),
-        source,
-    })
 }
 
 /// `a/./b/../c` -> `a/c`, without touching the file system.
@@ -720,40 +895,175 @@ path = "base-images/escape.sif"
         assert!(e.contains("writable by group or others"), "{e}");
     }
 
+    /// The node resolves itself; srun's pin only confirms (M1).
     #[test]
-    fn a_pinned_node_does_not_read_the_catalog() {
-        let f = fixture("pin-nocat", CATALOG);
-        let pin = Registry::open(&f.cfg)
+    fn a_pin_confirms_and_never_chooses() {
+        let f = fixture("pin", CATALOG);
+        let r = Registry::open(&f.cfg).unwrap();
+        let srun = r.resolve("pytorch:2.1").unwrap();
+        let back = Pin::decode(&srun.encode()).unwrap();
+        assert_eq!(
+            back,
+            Pin {
+                mode: None,
+                ..srun.clone()
+            }
+        );
+        // The same resolution on the node: confirmed.
+        let node = Registry::open(&f.cfg)
             .unwrap()
             .resolve("pytorch:2.1")
             .unwrap();
-        // A catalog that no longer parses: the pin is still checked (and
-        // passes), because the node never parses the catalog.
-        fs::write(f.cfg.root.0.join(".registry/catalog.toml"), "[[image]\n").unwrap();
-        let node = Registry::open(&f.cfg).unwrap();
-        node.check_pin(&pin).unwrap();
-        assert!(node.resolve("pytorch:2.1").is_err());
+        node.confirms(&back).unwrap();
+        // A pin naming another file, size or sum is refused; the message
+        // names the node's file, never the pin's values.
+        for forged in [
+            Pin {
+                path: f.dir.join("outside/evil.sif"),
+                ..back.clone()
+            },
+            Pin {
+                size: 99,
+                ..back.clone()
+            },
+            Pin {
+                sha256: Some("a".repeat(64)),
+                ..back.clone()
+            },
+            Pin {
+                reference: "pytorch".into(),
+                ..back.clone()
+            },
+        ] {
+            let e = node.confirms(&forged).unwrap_err();
+            let msg = e.to_string();
+            assert!(matches!(e, RegistryError::PinChanged { .. }), "{msg}");
+            assert!(msg.contains("pytorch-2.1.sif"), "{msg}");
+            assert!(!msg.contains("evil"), "{msg}");
+            assert!(msg.ends_with("submit it again"), "{msg}");
+        }
+        // The catalog rewritten after srun resolved: the node's own
+        // resolution differs, and the pin cannot override it.
+        fs::write(
+            f.cfg.root.0.join(".registry/catalog.toml"),
+            CATALOG.replace("pytorch-2.1.sif", "pytorch-2.2.sif"),
+        )
+        .unwrap();
+        let node = Registry::open(&f.cfg)
+            .unwrap()
+            .resolve("pytorch:2.1")
+            .unwrap();
+        assert!(matches!(
+            node.confirms(&back),
+            Err(RegistryError::PinChanged { what: "file", .. })
+        ));
     }
 
     #[test]
-    fn pin_round_trip_and_check() {
-        let f = fixture("pin", CATALOG);
-        let r = Registry::open(&f.cfg).unwrap();
-        let pin = r.resolve("pytorch:2.1").unwrap();
-        let back = Pin::decode(&pin.encode()).unwrap();
-        assert_eq!(back, pin);
-        r.check_pin(&pin).unwrap();
-        fs::write(&pin.path, "changed").unwrap();
-        assert!(matches!(
-            r.check_pin(&pin),
-            Err(RegistryError::PinChanged { .. })
-        ));
-        fs::remove_file(&pin.path).unwrap();
-        assert!(matches!(
-            r.check_pin(&pin),
-            Err(RegistryError::Missing { .. })
-        ));
+    fn pin_fields_are_checked_before_use() {
+        let good = Pin {
+            reference: "tiny".into(),
+            source: Source::Catalog,
+            name: Some("tiny".into()),
+            tag: Some("1.0".into()),
+            path: PathBuf::from("/opt/containers/tiny.sif"),
+            size: 1,
+            catalog_size: None,
+            sha256: Some("0".repeat(64)),
+            mode: None,
+        };
+        Pin::decode(&good.encode()).unwrap();
+        let refused = [
+            Pin {
+                name: Some("tiny:1.0\nfake log line".into()),
+                ..good.clone()
+            },
+            Pin {
+                name: Some("x".repeat(120_000)),
+                ..good.clone()
+            },
+            Pin {
+                path: PathBuf::from("relative.sif"),
+                ..good.clone()
+            },
+            Pin {
+                path: PathBuf::from("/a\nb.sif"),
+                ..good.clone()
+            },
+            Pin {
+                reference: "a b".into(),
+                ..good.clone()
+            },
+            Pin {
+                reference: String::new(),
+                ..good.clone()
+            },
+            Pin {
+                sha256: Some("Z".repeat(64)),
+                ..good.clone()
+            },
+            Pin {
+                sha256: Some("0".repeat(63)),
+                ..good.clone()
+            },
+            Pin {
+                tag: Some("-x".into()),
+                ..good.clone()
+            },
+        ];
+        for pin in refused {
+            let text = pin.encode();
+            let e = Pin::decode(&text).unwrap_err().to_string();
+            assert!(e.contains("do not set ML_CONTAINER_PIN"), "{e}");
+            // The reason never echoes a value from the pin.
+            assert!(!e.contains("fake") && !e.contains("xxxx"), "{e}");
+            assert!(e.len() < 300, "{e}");
+        }
         assert!(Pin::decode("path = 3").is_err());
+        assert!(Pin::decode(&" ".repeat(MAX_PIN_BYTES + 1)).is_err());
+    }
+
+    #[test]
+    fn images_are_opened_once_safely() {
+        let f = fixture("fifo", CATALOG);
+        let root = &f.cfg.root.0;
+        // A FIFO where the catalog's image should be: refused at once (a
+        // blocking open would hang this test: nobody writes the FIFO).
+        let sif = root.join("ml-frameworks/pytorch-2.2.sif");
+        fs::remove_file(&sif).unwrap();
+        nix::unistd::mkfifo(&sif, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        let r = Registry::open(&f.cfg).unwrap();
+        let e = r.resolve("pytorch:2.2").unwrap_err();
+        assert!(matches!(e, RegistryError::NotFile { .. }), "{e}");
+        // The opened file is the resolved one.
+        let o = r.resolve_open("pytorch:2.1", None).unwrap();
+        assert_eq!(o.meta.len(), 1);
+        assert_eq!(o.pin.size, 1);
+        assert!(o.pin.mode.is_some());
+    }
+
+    #[test]
+    fn the_user_check_runs_before_root_opens() {
+        let f = fixture("user", CATALOG);
+        let r = Registry::open(&f.cfg).unwrap();
+        let asked = std::cell::RefCell::new(Vec::new());
+        let deny = |p: &Path| {
+            asked.borrow_mut().push(p.to_path_buf());
+            Err(io::Error::from(io::ErrorKind::PermissionDenied))
+        };
+        let check = UserCheck {
+            user: "mluser".into(),
+            may_read: &deny,
+        };
+        let e = r.resolve_open("pytorch:2.1", Some(&check)).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("cannot read image ") && msg.contains("as user mluser"),
+            "{msg}"
+        );
+        assert!(msg.ends_with("(chmod o+r)"), "{msg}");
+        assert_eq!(asked.borrow().len(), 1);
+        assert!(asked.borrow()[0].ends_with("ml-frameworks/pytorch-2.1.sif"));
     }
 
     #[test]

@@ -2,21 +2,40 @@
 //! report per failed step and node under `<report dir>/<job id>/`, one
 //! metrics line per finished task, and a syslog line per failure.
 //!
-//! Reports are written by root in slurmstepd: the job directory is made
-//! root-owned with the job's group (mode 0750), the report is created under
-//! a temporary name with O_EXCL|O_NOFOLLOW, given mode 0640 and the job's
-//! group, then renamed into place, so a symlink planted at either name is
-//! never followed and the user can read but not write.
+//! Reports are written by root in slurmstepd and readable by the job's user
+//! and root only (issue 10, L2): the report file is owned by the job's uid
+//! (group root, mode 0400) in a job directory owned by root with the job's
+//! group (mode 0750: the user can list and read, a group-mate sees names
+//! only, nobody but root can add, rename or remove). The job directory is
+//! opened with O_DIRECTORY|O_NOFOLLOW and its owner and mode are set on that
+//! fd (I2); files are created in it with O_EXCL|O_NOFOLLOW, checked to be
+//! that directory's entries, and renamed into place by the directory's fd,
+//! so a symlink planted at any of these names is never followed. Each job
+//! directory records its user (`.owner`, root's, 0600): a directory whose
+//! record names another user, or that has none, is left from an older job
+//! with the same id (MaxJobId wrap, lost state) and is moved aside to
+//! `.stale-<job>-<time>-<pid>` rather than inherited (I1). `ml-container
+//! prune` (and the package's tmpfiles.d rule) expires old directories.
+//!
+//! Every job string that reaches the metrics log, syslog or a report's free
+//! text goes through [`crate::jobtext`]; a metrics line is capped at
+//! [`METRICS_LINE_CAP`] bytes.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+use nix::fcntl::{renameat, renameat2, AtFlags, RenameFlags};
+use nix::sys::stat::{fstatat, mkdirat, Mode};
+use nix::unistd::{unlinkat, UnlinkatFlags};
 
 use serde::{Deserialize, Serialize};
 
+use crate::jobtext;
 use crate::probe::{CommandProbe, MasterProbe};
 
 /// How one task ended.
@@ -217,10 +236,10 @@ impl Report {
                 (Some(255), None) if ctx.runtime_is_apptainer => {
                     let mut why = Vec::new();
                     if !ctx.image_readable_by_others {
-                        why.push(format!("image {} is not world-readable", self.image.path.display()));
+                        why.push(format!("image {} is not world-readable", jobtext::field(&self.image.path.to_string_lossy())));
                     }
                     for b in &ctx.missing_bind_sources {
-                        why.push(format!("bind source {} is missing", b.display()));
+                        why.push(format!("bind source {} is missing", jobtext::field(&b.to_string_lossy())));
                     }
                     let found = if why.is_empty() {
                         "image and bind sources look fine, so most likely the command was not found in the image or the payload itself exited 255".to_string()
@@ -231,7 +250,7 @@ impl Report {
                         format!("rank {} exited 255, Apptainer's own failure code: {found}", t.rank),
                         format!(
                             "run 'apptainer exec {} <command>' by hand on {} to see Apptainer's message",
-                            self.image.path.display(),
+                            jobtext::field(&self.image.path.to_string_lossy()),
                             self.node
                         ),
                     );
@@ -248,7 +267,9 @@ impl Report {
                 issue(
                     format!(
                         "MASTER_ADDR:MASTER_PORT ({}:{}) did not answer from {}",
-                        m.addr, m.port, self.node
+                        jobtext::field(&m.addr),
+                        m.port,
+                        self.node
                     ),
                     "rank 0 probably failed or never listened: look at rank 0's report and output first".into(),
                 );
@@ -257,7 +278,10 @@ impl Report {
         if ctx.dist_enabled {
             if let Some(e) = &ctx.dist_error {
                 issue(
-                    format!("the distributed environment could not be set: {e}"),
+                    format!(
+                        "the distributed environment could not be set: {}",
+                        jobtext::field(e)
+                    ),
                     "run 'ml-container env' in the job to see what is missing".into(),
                 );
             }
@@ -286,37 +310,252 @@ impl Report {
             .join(format!("{}.{}.json", self.step_id, self.node))
     }
 
-    /// Writes the report as root (see the module comment); returns its path.
-    pub fn write(&self, dir: &Path, gid: u32) -> io::Result<PathBuf> {
+    /// Writes the report as root for the job's user `uid` (group `gid`):
+    /// see the module comment. Returns its path.
+    pub fn write(&self, dir: &Path, uid: u32, gid: u32) -> io::Result<PathBuf> {
         crate::secure::ensure_private_dir(dir, 0o755, 0)?;
-        let job_dir = dir.join(self.job_id.to_string());
-        match fs::symlink_metadata(&job_dir) {
-            Ok(m) if m.file_type().is_dir() && m.uid() == 0 => {}
-            Ok(_) => {
-                return Err(io::Error::other(format!(
-                    "{} is not a root-owned directory (a planted link?); not writing there",
-                    job_dir.display()
-                )))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir(&job_dir)?;
-            }
-            Err(e) => return Err(e),
-        }
-        std::os::unix::fs::chown(&job_dir, Some(0), Some(gid))?;
-        fs::set_permissions(
-            &job_dir,
-            std::os::unix::fs::PermissionsExt::from_mode(0o750),
-        )?;
-        let final_path = self.path_in(dir);
+        let base = open_dir(dir)?;
+        check_root_dir(dir, &base, 0o022)?;
+        let job = self.job_id.to_string();
+        let job_path = dir.join(&job);
+        let job_dir = job_dir_for(dir, &base, &job, uid, gid)?;
+        // I2: owner and mode set on the open directory, never by path.
+        std::os::unix::fs::fchown(&job_dir, Some(0), Some(gid))?;
+        job_dir.set_permissions(fs::Permissions::from_mode(0o750))?;
+        let name = format!("{}.{}.json", self.step_id, self.node);
+        let tmp = format!(".{name}.{}.tmp", std::process::id());
+        let _ = unlinkat(
+            Some(job_dir.as_raw_fd()),
+            tmp.as_str(),
+            UnlinkatFlags::NoRemoveDir,
+        );
         let mut text = serde_json::to_string_pretty(self).map_err(io::Error::other)?;
         text.push('\n');
-        crate::secure::replace_file(&final_path, text.as_bytes(), 0o640, Some((0, gid)))?;
-        Ok(final_path)
+        let written = (|| {
+            let mut f = create_in(&job_path, &job_dir, &tmp, 0o400)?;
+            std::os::unix::fs::fchown(&f, Some(uid), Some(0))?;
+            f.set_permissions(fs::Permissions::from_mode(0o400))?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            let fd = Some(job_dir.as_raw_fd());
+            renameat(fd, tmp.as_str(), fd, name.as_str()).map_err(io::Error::from)
+        })();
+        if let Err(e) = written {
+            let _ = unlinkat(
+                Some(job_dir.as_raw_fd()),
+                tmp.as_str(),
+                UnlinkatFlags::NoRemoveDir,
+            );
+            return Err(e);
+        }
+        job_dir.sync_all()?;
+        Ok(job_path.join(name))
     }
 }
 
-/// One metrics line (SPEC: `JOB_ID= STEP_ID= NODE= IMAGE= EXIT_CODE= ...`).
+/// The owner record in each job directory: `uid=N`, root's, mode 0600.
+pub const OWNER_FILE: &str = ".owner";
+/// Prefix of a job directory moved aside because its job id was reused.
+pub const STALE_PREFIX: &str = ".stale-";
+
+/// Opens a directory without following a symlink at its last component.
+fn open_dir(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// A directory only root can change: owned by root, none of `forbidden`'s
+/// mode bits.
+fn check_root_dir(path: &Path, d: &File, forbidden: u32) -> io::Result<()> {
+    let m = d.metadata()?;
+    if !m.is_dir() || m.uid() != 0 || m.mode() & forbidden != 0 {
+        return Err(io::Error::other(format!(
+            "{} is not a root-owned directory closed to others (uid {}, mode {:o}); not \
+             writing there: fix its owner and mode",
+            path.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// Creates `name` (new, O_EXCL, never through a symlink) in the directory
+/// open as `dir` (whose path is `dir_path`), and checks that the file
+/// created is that directory's entry: the path is only a way to the fd's
+/// directory, which only root can change.
+fn create_in(dir_path: &Path, dir: &File, name: &str, mode: u32) -> io::Result<File> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir_path.join(name))?;
+    let entry = fstatat(Some(dir.as_raw_fd()), name, AtFlags::AT_SYMLINK_NOFOLLOW)?;
+    let m = f.metadata()?;
+    if entry.st_ino != m.ino() || entry.st_dev != m.dev() {
+        return Err(io::Error::other(format!(
+            "{} changed while root wrote there; not writing",
+            dir_path.display()
+        )));
+    }
+    Ok(f)
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A name unique to this process on this host: report dirs may be shared
+/// by nodes (NFS), where pids repeat.
+fn unique_suffix() -> String {
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!(
+        "{}-{}",
+        jobtext::field(&host).replace('/', "_"),
+        std::process::id()
+    )
+}
+
+/// Moves `<base>/<job>` aside (I1: a reused job id never inherits it); the
+/// old directory keeps its owner and modes, `prune` removes it in time.
+/// `inspected` is the directory that was judged stale: when a concurrent
+/// writer (another node) has meanwhile replaced it by a fresh one, that one
+/// is put back. Gone already (another node moved it): fine.
+fn move_aside(dir: &Path, base: &File, job: &str, inspected: Option<(u64, u64)>) -> io::Result<()> {
+    let aside = format!("{STALE_PREFIX}{job}-{}-{}", now_secs(), unique_suffix());
+    let fd = Some(base.as_raw_fd());
+    match renameat2(fd, job, fd, aside.as_str(), RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    }
+    if let Some((dev, ino)) = inspected {
+        let moved = fs::symlink_metadata(dir.join(&aside))?;
+        if (moved.dev(), moved.ino()) != (dev, ino) {
+            let _ = renameat2(fd, aside.as_str(), fd, job, RenameFlags::RENAME_NOREPLACE);
+        }
+    }
+    Ok(())
+}
+
+/// The uid an owner record names.
+fn parse_owner(text: &str) -> Option<u32> {
+    text.trim().strip_prefix("uid=")?.parse().ok()
+}
+
+/// Reads the owner record of the open job directory `d`: root's regular
+/// file, not through a symlink, never blocking.
+fn read_owner(d_path: &Path, d: &File) -> Option<u32> {
+    let p = d_path.join(OWNER_FILE);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&p)
+        .ok()?;
+    let m = f.metadata().ok()?;
+    let entry = fstatat(
+        Some(d.as_raw_fd()),
+        OWNER_FILE,
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .ok()?;
+    if !m.is_file() || m.uid() != 0 || entry.st_ino != m.ino() {
+        return None;
+    }
+    let mut text = String::new();
+    (&mut f).take(64).read_to_string(&mut text).ok()?;
+    parse_owner(&text)
+}
+
+/// The job directory `<base>/<job>` of the job's user `uid`, open. A
+/// directory there that is not root's, is a symlink or file, has no owner
+/// record (written before records existed) or records another uid belongs
+/// to an older job with the same id: it is moved aside and a fresh one made.
+/// A fresh one is made under a temporary name, given its owner record and
+/// modes, then renamed into place without replacing anything: a directory
+/// under the job's name always has its record, even to a node writing
+/// concurrently.
+fn job_dir_for(dir: &Path, base: &File, job: &str, uid: u32, gid: u32) -> io::Result<File> {
+    let job_path = dir.join(job);
+    for _ in 0..4 {
+        match open_dir(&job_path) {
+            Ok(d) => {
+                let theirs = check_root_dir(&job_path, &d, 0o027).is_ok()
+                    && read_owner(&job_path, &d) == Some(uid);
+                if theirs {
+                    return Ok(d);
+                }
+                log::warn!(
+                    "{} belongs to an older job with the same id: moved aside",
+                    job_path.display()
+                );
+                let m = d.metadata()?;
+                move_aside(dir, base, job, Some((m.dev(), m.ino())))?;
+            }
+            Err(e)
+                if e.raw_os_error() == Some(libc::ELOOP)
+                    || e.raw_os_error() == Some(libc::ENOTDIR) =>
+            {
+                move_aside(dir, base, job, None)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let tmp = format!(".new-{job}-{}", unique_suffix());
+                let tmp_path = dir.join(&tmp);
+                let _ = fs::remove_dir_all(&tmp_path);
+                mkdirat(
+                    Some(base.as_raw_fd()),
+                    tmp.as_str(),
+                    Mode::from_bits_truncate(0o700),
+                )?;
+                let made = (|| {
+                    let d = open_dir(&tmp_path)?;
+                    check_root_dir(&tmp_path, &d, 0o077)?;
+                    let mut rec = create_in(&tmp_path, &d, OWNER_FILE, 0o600)?;
+                    rec.write_all(format!("uid={uid}\n").as_bytes())?;
+                    rec.sync_all()?;
+                    std::os::unix::fs::fchown(&d, Some(0), Some(gid))?;
+                    d.set_permissions(fs::Permissions::from_mode(0o750))?;
+                    let fd = Some(base.as_raw_fd());
+                    renameat2(fd, tmp.as_str(), fd, job, RenameFlags::RENAME_NOREPLACE)
+                        .map_err(io::Error::from)
+                })();
+                if let Err(e) = made {
+                    let _ = fs::remove_dir_all(&tmp_path);
+                    // Another node made it meanwhile: use that one.
+                    if e.raw_os_error() != Some(libc::EEXIST) {
+                        return Err(e);
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other(format!(
+        "{} keeps changing under root; not writing there",
+        job_path.display()
+    )))
+}
+
+/// The longest metrics line, newline included (issue 10: a 120 KB image
+/// name must not add 120 KB per task to the log).
+pub const METRICS_LINE_CAP: usize = 512;
+
+/// A job string as one metrics field: escaped, no white space (the line is
+/// space-separated `KEY=VALUE`), at most `cap` bytes.
+fn metrics_field(s: &str, cap: usize) -> String {
+    jobtext::escape(s, cap.max(1)).replace(' ', "_")
+}
+
+/// One metrics line (SPEC: `JOB_ID= STEP_ID= NODE= IMAGE= EXIT_CODE= ...`),
+/// at most [`METRICS_LINE_CAP`] bytes: the image, the only field a job
+/// chooses, gets what the fixed fields leave.
 pub fn metrics_line(
     job: u32,
     step: u32,
@@ -325,16 +564,27 @@ pub fn metrics_line(
     t: &TaskOutcome,
     duration_ms: u128,
 ) -> String {
-    format!(
-        "JOB_ID={job} STEP_ID={step} NODE={node} RANK={} IMAGE={} EXIT_CODE={} SIGNAL={} DURATION_MS={duration_ms}\n",
-        t.rank,
-        image.replace(char::is_whitespace, "_"),
-        t.exit_code.map_or("-".to_string(), |c| c.to_string()),
-        t.signal.map_or("-".to_string(), |s| signal_name(s).to_string()),
-    )
+    let node = metrics_field(node, 64);
+    let exit = t.exit_code.map_or("-".to_string(), |c| c.to_string());
+    let signal = t
+        .signal
+        .map_or("-".to_string(), |s| signal_name(s).to_string());
+    let line = |image: &str| {
+        format!(
+            "JOB_ID={job} STEP_ID={step} NODE={node} RANK={} IMAGE={image} EXIT_CODE={exit} SIGNAL={signal} DURATION_MS={duration_ms}\n",
+            t.rank,
+        )
+    };
+    let fixed = line("").len();
+    line(&metrics_field(
+        image,
+        METRICS_LINE_CAP.saturating_sub(fixed),
+    ))
 }
 
-/// Appends `line` with one O_APPEND write, not following a symlink.
+/// Appends `line` with one O_APPEND write, not following a symlink; the
+/// log must be a regular file owned by root (a FIFO planted there would
+/// block root in open, another user's file would receive root's lines).
 pub fn append_line(path: &Path, line: &str) -> io::Result<()> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent)?;
@@ -343,30 +593,47 @@ pub fn append_line(path: &Path, line: &str) -> io::Result<()> {
         .append(true)
         .create(true)
         .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)?;
+    let m = f.metadata()?;
+    if !m.file_type().is_file() || m.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(io::Error::other(format!(
+            "{} is not a regular file owned by this process's user (uid {}, {:?}): not \
+             appending; remove it",
+            path.display(),
+            m.uid(),
+            m.file_type()
+        )));
+    }
     f.write_all(line.as_bytes())
 }
 
-/// One line to the local syslog (/dev/log, facility user, priority err).
+/// One line to the local syslog (/dev/log, facility user, priority err);
+/// escaped and capped, the message carries job strings.
 pub fn syslog(msg: &str) {
     let sock = match std::os::unix::net::UnixDatagram::unbound() {
         Ok(s) => s,
         Err(_) => return,
     };
+    let msg = jobtext::escape(msg, 1024);
     let _ = sock.send_to(format!("<11>ml-container: {msg}").as_bytes(), "/dev/log");
 }
 
-/// Reads the reports of a job, for `ml-container diagnose`.
+/// The largest report `read_job` reads: a report file belongs to the job's
+/// user, who may have grown it.
+const MAX_REPORT_BYTES: u64 = 16 << 20;
+
+/// Reads the reports of a job, for `ml-container diagnose` (as whoever runs
+/// it: files it may not read come back as errors). Never follows a symlink
+/// nor blocks on a FIFO; reads at most 16 MiB of each.
 pub fn read_job(dir: &Path, job: u32) -> io::Result<Vec<(PathBuf, Result<Report, String>)>> {
     let job_dir = dir.join(job.to_string());
+    open_dir(&job_dir)?;
     let mut out = Vec::new();
     for e in fs::read_dir(&job_dir)? {
         let p = e?.path();
         if p.extension().is_some_and(|x| x == "json") {
-            let parsed = fs::read_to_string(&p)
-                .map_err(|e| e.to_string())
-                .and_then(|t| serde_json::from_str::<Report>(&t).map_err(|e| e.to_string()));
+            let parsed = read_report(&p);
             out.push((p, parsed));
         }
     }
@@ -374,18 +641,81 @@ pub fn read_job(dir: &Path, job: u32) -> io::Result<Vec<(PathBuf, Result<Report,
     Ok(out)
 }
 
-/// A report for a person.
+fn read_report(p: &Path) -> Result<Report, String> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(p)
+        .map_err(|e| e.to_string())?;
+    let m = f.metadata().map_err(|e| e.to_string())?;
+    if !m.is_file() {
+        return Err("not a regular file".to_string());
+    }
+    let mut text = String::new();
+    (&mut f)
+        .take(MAX_REPORT_BYTES)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    serde_json::from_str::<Report>(&text).map_err(|e| e.to_string())
+}
+
+/// Removes the job directories under `dir` (numeric names, and those moved
+/// aside or left half-made: `.stale-`, `.new-`) not modified for `age`;
+/// with `dry_run` only lists them. Entries are removed without following
+/// symlinks (`remove_dir_all` does not); anything else is left alone.
+pub fn prune(dir: &Path, age: std::time::Duration, dry_run: bool) -> io::Result<Vec<PathBuf>> {
+    let base = open_dir(dir)?;
+    check_root_dir(dir, &base, 0o022)?;
+    let cutoff = std::time::SystemTime::now()
+        .checked_sub(age)
+        .unwrap_or(std::time::UNIX_EPOCH);
+    let mut removed = Vec::new();
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let ours = name.parse::<u32>().is_ok()
+            || name.starts_with(STALE_PREFIX)
+            || name.starts_with(".new-");
+        if !ours {
+            continue;
+        }
+        let p = e.path();
+        let m = fs::symlink_metadata(&p)?;
+        if m.modified()? > cutoff {
+            continue;
+        }
+        if !dry_run {
+            if m.is_dir() {
+                fs::remove_dir_all(&p)?;
+            } else {
+                fs::remove_file(&p)?;
+            }
+        }
+        removed.push(p);
+    }
+    removed.sort();
+    Ok(removed)
+}
+
+/// A report for a person. Every string is escaped: a report's fields can
+/// hold job strings (paths, names), and a file the job's user owns may
+/// have been edited; nothing in it may move an admin's cursor.
 pub fn render(r: &Report) -> String {
+    let f = |s: &str| jobtext::field(s);
     let mut s = String::new();
     s.push_str(&format!(
         "job {} step {} on {} (uid {}{}): image {} ({})\n",
         r.job_id,
         r.step_id,
-        r.node,
+        f(&r.node),
         r.uid,
-        r.user.as_ref().map(|u| format!(" {u}")).unwrap_or_default(),
-        r.image.reference,
-        r.image.path.display()
+        r.user
+            .as_ref()
+            .map(|u| format!(" {}", f(u)))
+            .unwrap_or_default(),
+        f(&r.image.reference),
+        f(&r.image.path.to_string_lossy())
     ));
     for t in &r.tasks {
         s.push_str(&format!(
@@ -398,7 +728,7 @@ pub fn render(r: &Report) -> String {
     if let Some(m) = &r.node_state.master {
         s.push_str(&format!(
             "  master {}:{} {}\n",
-            m.addr,
+            f(&m.addr),
             m.port,
             if m.reachable {
                 "answered"
@@ -416,14 +746,14 @@ pub fn render(r: &Report) -> String {
     ) {
         s.push_str(&format!(
             "  OOM kills in the step's memory cgroup {}: {n}\n",
-            cg.display()
+            f(&cg.to_string_lossy())
         ));
     }
     for i in &r.issues_found {
-        s.push_str(&format!("  issue: {i}\n"));
+        s.push_str(&format!("  issue: {}\n", f(i)));
     }
     for i in &r.recommendations {
-        s.push_str(&format!("  fix:   {i}\n"));
+        s.push_str(&format!("  fix:   {}\n", f(i)));
     }
     s
 }
@@ -613,6 +943,108 @@ mod tests {
             12,
         );
         assert_eq!(l, "JOB_ID=5 STEP_ID=0 NODE=n2 RANK=3 IMAGE=py_torch EXIT_CODE=7 SIGNAL=- DURATION_MS=12\n");
+        // A forged name: one line, escaped, capped.
+        let huge = format!("tiny:1.0\nJOB_ID=666 FAKE{}", "x".repeat(120_000));
+        let l = metrics_line(
+            u32::MAX,
+            u32::MAX,
+            "n2",
+            &huge,
+            &TaskOutcome::from_wait_status(u32::MAX, 1, libc::SIGKILL),
+            u128::MAX,
+        );
+        assert!(l.len() <= METRICS_LINE_CAP, "{} bytes", l.len());
+        assert_eq!(l.matches('\n').count(), 1, "{l}");
+        assert!(l.ends_with(&format!("DURATION_MS={}\n", u128::MAX)), "{l}");
+        assert!(l.contains("IMAGE=tiny:1.0\\nJOB_ID=666_FAKExxx"), "{l}");
+    }
+
+    #[test]
+    fn rendering_escapes_what_a_report_holds() {
+        let mut r = report(vec![TaskOutcome::from_wait_status(1, 0, 7 << 8)]);
+        r.image.reference = "x\n  issue: forged\u{1b}[2J".into();
+        r.issues_found.push("line\nbreak".into());
+        let text = render(&r);
+        assert!(!text.contains('\u{1b}'), "{text}");
+        assert!(!text.contains("\n  issue: forged"), "{text}");
+        assert!(text.contains("issue: line\\nbreak\n"), "{text}");
+    }
+
+    /// As root (the tests run as root, as slurmstepd does).
+    #[test]
+    fn reports_belong_to_the_user_and_a_reused_job_id_starts_afresh() {
+        let dir = std::env::temp_dir().join(format!("mlc-reports-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let r = report(vec![TaskOutcome::from_wait_status(1, 0, 7 << 8)]);
+        let p = r.write(&dir, 1500, 1600).unwrap();
+        assert_eq!(p, dir.join("5/0.n2.json"));
+        let m = fs::symlink_metadata(&p).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1500, 0, 0o400));
+        let d = fs::symlink_metadata(dir.join("5")).unwrap();
+        assert_eq!((d.uid(), d.gid(), d.mode() & 0o7777), (0, 1600, 0o750));
+        assert_eq!(
+            fs::read_to_string(dir.join("5").join(OWNER_FILE)).unwrap(),
+            "uid=1500\n"
+        );
+        // The same user's next step: same directory, both reports.
+        let mut r1 = r.clone();
+        r1.step_id = 1;
+        r1.write(&dir, 1500, 1600).unwrap();
+        assert!(dir.join("5/0.n2.json").exists() && dir.join("5/1.n2.json").exists());
+        // Job id 5 again, another user: the old directory is moved aside.
+        let mut other = r.clone();
+        other.uid = 1501;
+        other.step_id = 3;
+        other.write(&dir, 1501, 1600).unwrap();
+        let names: Vec<String> = fs::read_dir(dir.join("5"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.contains(&"3.n2.json".to_string()), "{names:?}");
+        let aside: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(STALE_PREFIX))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        assert!(dir.join(&aside[0]).join("0.n2.json").exists());
+        // A directory without a record (older versions) is not inherited.
+        fs::create_dir(dir.join("6")).unwrap();
+        fs::write(dir.join("6/0.n1.json"), "old").unwrap();
+        let mut six = r.clone();
+        six.job_id = 6;
+        six.write(&dir, 1500, 1600).unwrap();
+        assert!(!dir.join("6/0.n1.json").exists());
+        // A symlink planted as the job directory is never followed.
+        let target = dir.join("elsewhere");
+        fs::create_dir(&target).unwrap();
+        std::os::unix::fs::symlink(&target, dir.join("7")).unwrap();
+        let mut seven = r.clone();
+        seven.job_id = 7;
+        seven.write(&dir, 1500, 1600).unwrap();
+        assert_eq!(fs::read_dir(&target).unwrap().count(), 0);
+        assert!(fs::symlink_metadata(dir.join("7")).unwrap().is_dir());
+        // diagnose reads them back.
+        let back = read_job(&dir, 5).unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].1.as_ref().unwrap(), &other);
+        // Expiry: nothing is a day old yet; everything is older than 0 s.
+        fs::write(dir.join("notes.txt"), "kept").unwrap();
+        assert!(prune(&dir, std::time::Duration::from_secs(86400), false)
+            .unwrap()
+            .is_empty());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let gone = prune(&dir, std::time::Duration::ZERO, false).unwrap();
+        assert_eq!(gone.len(), 6, "{gone:?}"); // 5, 6, 7 and three moved aside
+        let left: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        // notes.txt, and elsewhere/ (the planted link went, not its target).
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert_eq!(fs::read_to_string(dir.join("notes.txt")).unwrap(), "kept");
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1,10 +1,17 @@
-//! File trust and root-safe file creation.
+//! File trust, the one safe way root opens a file, and root-safe file
+//! creation.
 //!
 //! The plugin runs as root in slurmstepd and reads files that decide what a
-//! job executes (the site config, the catalog). Like sudo-rs's secure_open,
-//! it refuses such a file unless it and its directory are owned by a trusted
-//! user and not writable by group or others. Files root writes (hash cache,
-//! reports) are created without following symlinks, with explicit modes.
+//! job executes (the site config, the catalog, registry settings, images,
+//! its hash cache). Every such file is opened once, by [`open_regular`]:
+//! `O_NONBLOCK` (a FIFO swapped in cannot block root), `O_NOFOLLOW` (a
+//! symlink swapped in for the last component is refused), `O_CLOEXEC`; the
+//! type, size, owner and mode are then read with `fstat` on that fd and every
+//! later read uses the same fd, so no check-by-path then open-by-path race
+//! exists. Like sudo-rs's secure_open, [`open_trusted`] refuses a file unless
+//! it and its directory are owned by a trusted user and not writable by group
+//! or others. Files root writes (hash cache, reports) are created without
+//! following symlinks, with explicit modes.
 #![forbid(unsafe_code)]
 
 use std::fmt;
@@ -87,20 +94,63 @@ pub fn check_owner_mode(
     Ok(())
 }
 
-/// Checks that `path` (after following symlinks) is a regular file that
-/// only a trusted user can change, and that so is the directory holding it
-/// (or someone could swap the file). Returns the file's metadata.
-pub fn check_trusted_file(path: &Path, trusted: &[u32]) -> Result<Metadata, TrustError> {
+/// Opens `path` for reading the one safe way (see the module doc):
+/// `O_RDONLY|O_NONBLOCK|O_NOFOLLOW|O_CLOEXEC`, then `fstat` on the fd must
+/// say regular file. Opening a FIFO with `O_NONBLOCK` returns at once, and
+/// the type check then refuses it, so root never waits on a user's FIFO;
+/// `O_NONBLOCK` is cleared again before returning (it means nothing for a
+/// regular file, but a reader should not have to think about it).
+pub fn open_regular(path: &Path) -> Result<(File, Metadata), TrustError> {
     let io_err = |source| TrustError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let real = fs::canonicalize(path).map_err(io_err)?;
-    let meta = fs::metadata(&real).map_err(io_err)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_err)?;
+    let meta = file.metadata().map_err(io_err)?;
     if !meta.is_file() {
-        return Err(TrustError::NotRegular { path: real });
+        return Err(TrustError::NotRegular {
+            path: path.to_path_buf(),
+        });
     }
-    check_owner_mode(&real, meta.uid(), meta.mode(), trusted)?;
+    clear_nonblock(&file).map_err(io_err)?;
+    Ok((file, meta))
+}
+
+fn clear_nonblock(file: &File) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(io::Error::from)?;
+    let flags = OFlag::from_bits_truncate(flags) & !OFlag::O_NONBLOCK;
+    fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
+    Ok(())
+}
+
+/// [`open_regular`] on the canonical path of `path`, then the trust rules
+/// on the fd's own `fstat` (owner in `trusted`, not writable by group or
+/// others) and on the directory holding it (or someone could swap the
+/// file). Symlinks in the configured path are resolved first, as an admin
+/// may keep `/etc/slurm` on shared storage; the file itself is opened with
+/// `O_NOFOLLOW`, so a symlink swapped in after that is refused.
+pub fn open_trusted(path: &Path, trusted: &[u32]) -> Result<(File, Metadata), TrustError> {
+    let real = fs::canonicalize(path).map_err(|source| TrustError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    open_trusted_here(&real, trusted)
+}
+
+/// [`open_trusted`] without resolving symlinks first: the file must be
+/// right at `path` (a symlink there is refused), as root's own files are
+/// (the hash cache's entries, written by [`replace_file`]).
+pub fn open_trusted_here(path: &Path, trusted: &[u32]) -> Result<(File, Metadata), TrustError> {
+    let real = path;
+    let (file, meta) = open_regular(real)?;
+    check_owner_mode(real, meta.uid(), meta.mode(), trusted)?;
     if let Some(dir) = real.parent() {
         let dmeta = fs::metadata(dir).map_err(|source| TrustError::Io {
             path: dir.to_path_buf(),
@@ -111,7 +161,56 @@ pub fn check_trusted_file(path: &Path, trusted: &[u32]) -> Result<Metadata, Trus
         // config either, so the same rule applies.
         check_owner_mode(dir, dmeta.uid(), dmeta.mode(), trusted)?;
     }
-    Ok(meta)
+    Ok((file, meta))
+}
+
+/// The whole text of a trusted file of at most `max` bytes, read from the
+/// fd [`open_trusted`] checked. `Ok(None)` when the file is larger.
+pub fn read_trusted(path: &Path, trusted: &[u32], max: u64) -> Result<ReadText, TrustError> {
+    let (file, meta) = open_trusted(path, trusted)?;
+    read_limited(file, &meta, path, max)
+}
+
+/// [`read_trusted`] of a file that must be right at `path`, not behind a
+/// symlink ([`open_trusted_here`]).
+pub fn read_trusted_here(path: &Path, trusted: &[u32], max: u64) -> Result<ReadText, TrustError> {
+    let (file, meta) = open_trusted_here(path, trusted)?;
+    read_limited(file, &meta, path, max)
+}
+
+/// What a limited read found.
+#[derive(Debug)]
+pub enum ReadText {
+    Text(String),
+    TooLarge(u64),
+}
+
+/// Reads an already opened file, at most `max` bytes (`meta` is its fstat).
+pub fn read_limited(
+    file: File,
+    meta: &Metadata,
+    path: &Path,
+    max: u64,
+) -> Result<ReadText, TrustError> {
+    use std::io::Read;
+    if meta.len() > max {
+        return Ok(ReadText::TooLarge(meta.len()));
+    }
+    let mut text = String::new();
+    file.take(max)
+        .read_to_string(&mut text)
+        .map_err(|source| TrustError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(ReadText::Text(text))
+}
+
+/// Checks that `path` (after following symlinks) is a regular file that
+/// only a trusted user can change, and that so is the directory holding it.
+/// Returns the file's metadata (from the fd [`open_trusted`] opened).
+pub fn check_trusted_file(path: &Path, trusted: &[u32]) -> Result<Metadata, TrustError> {
+    open_trusted(path, trusted).map(|(_, meta)| meta)
 }
 
 /// Replaces `path` with `bytes` atomically, as root writes its files: a
@@ -193,6 +292,60 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("0666") && msg.contains("chmod"), "{msg}");
+    }
+
+    #[test]
+    fn open_regular_refuses_fifos_symlinks_and_directories_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("mlc-secure-open-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("file");
+        fs::write(&file, "data").unwrap();
+        let fifo = dir.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+
+        let (f, meta) = open_regular(&file).unwrap();
+        assert_eq!(meta.len(), 4);
+        // O_NONBLOCK is cleared on the returned fd.
+        let flags = nix::fcntl::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            nix::fcntl::FcntlArg::F_GETFL,
+        )
+        .unwrap();
+        assert_eq!(flags & libc::O_NONBLOCK, 0);
+        // Nobody holds the FIFO's other end: a blocking open would hang
+        // this test forever.
+        assert!(matches!(
+            open_regular(&fifo),
+            Err(TrustError::NotRegular { .. })
+        ));
+        match open_regular(&link) {
+            Err(TrustError::Io { source, .. }) => {
+                assert_eq!(source.raw_os_error(), Some(libc::ELOOP))
+            }
+            other => panic!("a symlink was opened: {other:?}"),
+        }
+        assert!(matches!(
+            open_regular(&dir),
+            Err(TrustError::NotRegular { .. })
+        ));
+        // A trusted read goes through the same open: a FIFO is refused.
+        let me = nix::unistd::geteuid().as_raw();
+        assert!(matches!(
+            read_trusted(&fifo, &[me], 100),
+            Err(TrustError::NotRegular { .. })
+        ));
+        assert!(matches!(
+            read_trusted(&file, &[me], 100),
+            Ok(ReadText::Text(t)) if t == "data"
+        ));
+        assert!(matches!(
+            read_trusted(&file, &[me], 3),
+            Ok(ReadText::TooLarge(4))
+        ));
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

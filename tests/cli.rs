@@ -314,3 +314,189 @@ fn verify_names_the_corrupted_image_and_doctor_flags_problems() {
         "{out}"
     );
 }
+
+/// A torch version string is a tag as it is (`2.6.0+debian`); a file that
+/// `add --copy-to` put into a search directory is listed once, as the
+/// catalog's entry, not again as a scan result; a bad tag's message says
+/// what to pass instead.
+#[test]
+fn plus_in_tags_and_one_line_per_copied_image() {
+    let e = env("plus", "");
+    assert!(cli(&e, &["init"]).status.success());
+    let src = e.dir.join("torch.sif");
+    sif_file(&src);
+    let add = |tag: &str| {
+        cli(
+            &e,
+            &[
+                "add",
+                src.to_str().unwrap(),
+                "--name",
+                "pytorch",
+                "--tag",
+                tag,
+                "--default",
+                "--copy-to",
+                "ml-frameworks",
+            ],
+        )
+    };
+    let o = add("2.6.0+debian");
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(root(&e)
+        .join("ml-frameworks/pytorch-2.6.0+debian.sif")
+        .is_file());
+    // A file the catalog does not name is still a scan result.
+    sif_file(&root(&e).join("custom-images/mine.sif"));
+    let o = cli(&e, &["list"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{}", text(&o));
+    let rows: Vec<&str> = out.lines().skip(1).collect();
+    assert_eq!(rows.len(), 2, "{out}");
+    assert!(
+        rows[0].starts_with("pytorch ") && rows[0].contains("2.6.0+debian"),
+        "{out}"
+    );
+    assert!(
+        rows[1].starts_with("mine ") && rows[1].contains("(found by scan)"),
+        "{out}"
+    );
+    let o = cli(&e, &["show", "pytorch:2.6.0+debian"]);
+    assert!(o.status.success(), "{}", text(&o));
+
+    for (bad, suggestion) in [
+        ("2.6 0", "'2.6-0'"),
+        ("+cu121", "'cu121'"),
+        ("a/b", "'a-b'"),
+    ] {
+        let o = add(bad);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        let t = text(&o);
+        assert!(
+            t.contains("pass another --tag") && t.contains(suggestion),
+            "{bad}: {t}"
+        );
+    }
+}
+
+/// Issue 10, L4: a user holding the catalog lock (an older install's 0644
+/// lock file, opened before the CLI closed it) makes `add` fail within its
+/// deadline, naming the holder; afterwards no user can open the lock at all.
+#[test]
+fn a_users_flock_on_the_catalog_lock_fails_add_within_the_deadline_naming_them() {
+    let e = env("lock", "");
+    assert!(cli(&e, &["init"]).status.success());
+    let f = root(&e).join("ml-frameworks/a.sif");
+    sif_file(&f);
+    let lock = root(&e).join(".registry/catalog.lock");
+    fs::write(&lock, "").unwrap();
+    fs::set_permissions(&lock, fs::Permissions::from_mode(0o644)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .args(args);
+        c
+    };
+    let mut holder = as_nobody(&["flock", "-o", "-s", lock.to_str().unwrap(), "sleep", "10"])
+        .spawn()
+        .unwrap();
+    // Until the user's lock shows in /proc/locks.
+    let t = std::time::Instant::now();
+    let ino = {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(&lock).unwrap().ino()
+    };
+    while !fs::read_to_string("/proc/locks")
+        .unwrap()
+        .contains(&format!(":{ino} "))
+    {
+        assert!(t.elapsed().as_secs() < 10, "the user's flock never locked");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let t = std::time::Instant::now();
+    let o = Command::new(env!("CARGO_BIN_EXE_ml-container"))
+        .args(["add", f.to_str().unwrap(), "--name", "a", "--tag", "1"])
+        .arg("--config")
+        .arg(&e.config)
+        .env("ML_CONTAINER_LOCK_TIMEOUT", "2")
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        took < std::time::Duration::from_secs(6),
+        "add took {took:?}: {}",
+        text(&o)
+    );
+    let out = text(&o);
+    assert!(
+        out.contains(&format!("locked by pid {} (flock, uid 65534", holder.id())),
+        "{out}"
+    );
+    // The file is the writer's alone now: the user cannot even open it.
+    assert_eq!(
+        fs::metadata(&lock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let again = as_nobody(&["flock", "-n", lock.to_str().unwrap(), "true"])
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "the user could lock it again");
+    let o = cli(
+        &e,
+        &["add", f.to_str().unwrap(), "--name", "a", "--tag", "1"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+/// Issue 10, L6: `prune` expires job directories (and those moved aside for
+/// a reused job id) and leaves everything else, and symlinks' targets, alone.
+#[test]
+fn prune_removes_old_job_directories_only() {
+    // Inside the test's own directory (env() makes it anew).
+    let reports = std::env::temp_dir()
+        .join(format!("mlc-cli-prune-{}", std::process::id()))
+        .join("reports");
+    let e = env(
+        "prune",
+        &format!("[failure]\nreport_dir = \"{}\"\n", reports.display()),
+    );
+    fs::create_dir_all(reports.join("17")).unwrap();
+    fs::write(reports.join("17/0.n1.json"), "{}").unwrap();
+    fs::create_dir_all(reports.join(".stale-17-1-2")).unwrap();
+    fs::write(reports.join("README"), "kept").unwrap();
+    let outside = e.dir.join("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("keep"), "kept").unwrap();
+    std::os::unix::fs::symlink(&outside, reports.join("18")).unwrap();
+    let o = cli(&e, &["prune"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("0 job directories older than 30 day(s) removed"),
+        "{}",
+        text(&o)
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let o = cli(&e, &["prune", "--older-than", "0", "--dry-run"]);
+    assert!(
+        text(&o).contains("3 job directories older than 0 day(s) to remove"),
+        "{}",
+        text(&o)
+    );
+    assert!(reports.join("17/0.n1.json").exists());
+    let o = cli(&e, &["prune", "--older-than", "0"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let mut left: Vec<String> = fs::read_dir(&reports)
+        .unwrap()
+        .map(|d| d.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["README"]);
+    assert_eq!(fs::read_to_string(outside.join("keep")).unwrap(), "kept");
+    assert_eq!(
+        cli(&e, &["prune", "--older-than", "x"]).status.code(),
+        Some(2)
+    );
+}

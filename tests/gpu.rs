@@ -1,6 +1,6 @@
 //! `--nv` on a real GPU: the plugin's own callbacks (init, the options,
 //! init_post_opt, task_init) run against a host that stands in for
-//! slurmstepd, and the runtime command they prepend to the task is run
+//! slurmstepd, and the runtime command they hand the launcher is run
 //! with real Apptainer on a real NVIDIA GPU, as an unprivileged user.
 //!
 //! No GPU and no Slurm exist where CI runs, so the test is ignored there.
@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use slurm_ml_container::launch::{LaunchSpec, LAUNCH_ENV};
 use slurm_ml_container::options::{OptionId, OptionSpec};
 use slurm_ml_container::plugin::{self, Context, Host, HostError};
 use slurm_ml_container::probe::{self, CommandProbe};
@@ -30,7 +31,6 @@ struct StepdStandIn {
     /// The task's environment, as slurmstepd holds it; set_job_env writes here.
     env: HashMap<String, String>,
     argv: Vec<String>,
-    prepended: Option<Vec<String>>,
 }
 
 impl Host for StepdStandIn {
@@ -79,10 +79,6 @@ impl Host for StepdStandIn {
     fn job_ids(&self) -> Option<(u32, u32)> {
         None
     }
-    fn prepend_argv(&mut self, argv: &[String]) -> Result<(), HostError> {
-        self.prepended = Some(argv.to_vec());
-        Ok(())
-    }
 }
 
 fn var(name: &str) -> String {
@@ -121,7 +117,8 @@ fn site(dir: &Path, image: &Path) -> PathBuf {
 }
 
 /// The callbacks of one task with `policy`, the step's GPU variables in
-/// `gpu_env`: the prefix they prepend, and the task's environment.
+/// `gpu_env`: the runtime prefix they hand the launcher, and the task's
+/// environment.
 fn callbacks(
     cfg: &Path,
     bin: &str,
@@ -135,7 +132,6 @@ fn callbacks(
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         argv: vec!["/gpubin/device_count".to_string()],
-        prepended: None,
     };
     plugin::init(&mut host, &[format!("config={}", cfg.display())]).unwrap();
     for (id, value) in [
@@ -148,10 +144,8 @@ fn callbacks(
     }
     plugin::init_post_opt(&mut host).unwrap();
     plugin::task_init(&mut host).unwrap();
-    let prefix = host
-        .prepended
-        .expect("task_init prepended the runtime command");
-    (prefix, host.env)
+    let spec = LaunchSpec::decode(&host.env[LAUNCH_ENV]).expect("task_init left the launch spec");
+    (spec.prefix, host.env)
 }
 
 /// Runs prefix + the task's command as `user` with exactly `env`.

@@ -1,6 +1,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-//! Differential test: `hostlist::expand` against the host's own Slurm,
-//! `scontrol show hostnames` (Slurm 22.05 from Debian's slurm-client).
+//! Differential test: the hostlist rules of each supported Slurm release
+//! (`hostlist::Rules`) against that release's own `scontrol show hostnames`:
+//! 22.05 on the host (Debian's slurm-client), 24.11 in the cached trixie
+//! root and 26.05 in the cached sid root (`tests/cluster/rootfs.sh trixie|sid`,
+//! built on first use), run there by chroot in a private mount namespace
+//! that binds this test's slurm.conf onto the root's /mnt (the cache is
+//! never written). Every test runs once per release.
 //!
 //! scontrol reads commands from stdin when given no arguments, so thousands
 //! of lists are checked in one process: each `show hostnames LIST` is followed
@@ -9,8 +14,8 @@
 //! re-checked with a single `scontrol show hostnames LIST` call and reported
 //! with both answers.
 //!
-//! Without scontrol this test fails: it is the only check that the parser
-//! agrees with Slurm (install slurm-client).
+//! Without scontrol (or the roots) this test fails: it is the only check
+//! that the parser agrees with Slurm (install slurm-client; run as root).
 
 use std::collections::HashSet;
 use std::io::{ErrorKind, Write};
@@ -18,7 +23,38 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use slurm_ml_container::hostlist::{self, HostlistError};
+use slurm_ml_container::hostlist::{HostlistError, Rules};
+
+/// Instantiates a test `fn NAME(rules: Rules)` once per release.
+macro_rules! per_release {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use super::*;
+                #[test]
+                fn slurm_22_05() {
+                    super::$name(Rules::V22_05)
+                }
+                #[test]
+                fn slurm_24_11() {
+                    super::$name(Rules::V24_11)
+                }
+                #[test]
+                fn slurm_26_05() {
+                    super::$name(Rules::V26_05)
+                }
+            }
+        )*
+    };
+}
+
+per_release!(
+    expand_matches_scontrol_on_valid_lists,
+    random_strings_agree_with_scontrol,
+    malformed_lists_are_errors_and_scontrol_agrees_or_differs_as_documented,
+    whitespace_separators_match_scontrol,
+    site_naming_schemes_match_scontrol,
+);
 
 /// SplitMix64: a deterministic PRNG, no crates.
 struct Rng(u64);
@@ -54,6 +90,8 @@ enum Slurm {
 
 struct Scontrol {
     dir: PathBuf,
+    /// The Debian root holding this release's Slurm; `None`: the host's.
+    root: Option<PathBuf>,
 }
 
 /// One list on which our parser and scontrol disagree, with what scontrol
@@ -70,18 +108,41 @@ fn difference(
     )
 }
 
+/// The cached root of a release (`tests/cluster/rootfs.sh SUITE`).
+fn root(suite: &str) -> PathBuf {
+    let out = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/cluster/rootfs.sh"
+        ))
+        .arg(suite)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run tests/cluster/rootfs.sh");
+    assert!(out.status.success(), "building the {suite} root failed");
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
 impl Scontrol {
     /// Writes a minimal slurm.conf (scontrol wants a config source even for
-    /// `show hostnames`) and checks that scontrol runs.
-    fn new() -> Scontrol {
-        let dir = std::env::temp_dir().join(format!("hostlist-scontrol-{}", std::process::id()));
+    /// `show hostnames`) and checks that `rules`' release's scontrol runs.
+    fn new(rules: Rules) -> Scontrol {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir =
+            std::env::temp_dir().join(format!("hostlist-scontrol-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(
             dir.join("slurm.conf"),
             "ClusterName=hostlisttest\nSlurmctldHost=localhost\nNodeName=n1\nPartitionName=p Nodes=n1\n",
         )
         .unwrap();
-        let scontrol = Scontrol { dir };
+        let root = match rules {
+            Rules::V22_05 => None,
+            Rules::V24_11 => Some(root("trixie")),
+            Rules::V26_05 => Some(root("sid")),
+        };
+        let scontrol = Scontrol { dir, root };
         let version = match scontrol.command().arg("--version").output() {
             Ok(out) => out,
             Err(e) if e.kind() == ErrorKind::NotFound => panic!(
@@ -90,9 +151,13 @@ impl Scontrol {
             ),
             Err(e) => panic!("cannot run scontrol: {e}"),
         };
-        eprintln!(
-            "comparing with {}",
-            String::from_utf8_lossy(&version.stdout).trim()
+        let version = String::from_utf8_lossy(&version.stdout).trim().to_owned();
+        eprintln!("comparing the {rules:?} rules with {version}");
+        // The scontrol of the release these rules are for, not another.
+        assert!(
+            version.contains(&format!(" {}.", rules.release())),
+            "{rules:?} needs Slurm {}'s scontrol, found {version:?}",
+            rules.release()
         );
         assert_eq!(
             scontrol.single("n[1-2]"),
@@ -102,10 +167,33 @@ impl Scontrol {
         scontrol
     }
 
+    /// `scontrol`, on the host or chrooted into the release's root. A
+    /// private mount namespace binds the config directory onto the root's
+    /// /mnt, so the cached root is never written.
     fn command(&self) -> Command {
-        let mut command = Command::new("scontrol");
+        let mut command = match &self.root {
+            None => {
+                let mut c = Command::new("scontrol");
+                c.env("SLURM_CONF", self.dir.join("slurm.conf"));
+                c
+            }
+            Some(root) => {
+                let mut c = Command::new("unshare");
+                c.args([
+                    "--mount",
+                    "--",
+                    "sh",
+                    "-ec",
+                    r#"d=$1 r=$2; shift 2; mount --bind "$d" "$r/mnt"; exec chroot "$r" scontrol "$@""#,
+                    "sh",
+                ])
+                .arg(&self.dir)
+                .arg(root)
+                .env("SLURM_CONF", "/mnt/slurm.conf");
+                c
+            }
+        };
         command
-            .env("SLURM_CONF", self.dir.join("slurm.conf"))
             .env_remove("SLURM_CLUSTERS")
             .env_remove("SLURM_JOB_NODELIST")
             .env_remove("SLURM_NODELIST");
@@ -267,8 +355,44 @@ fn group(rng: &mut Rng) -> String {
     out
 }
 
-fn element(rng: &mut Rng, previous: Option<&String>) -> String {
-    match rng.below(10) {
+/// Naming schemes of real sites; `true`: text after the last bracket, which
+/// Slurm accepts from 23.11 on.
+const SCHEMES: &[(&str, bool)] = &[
+    ("login1,n[1-4]", false),
+    ("rack[1-4]-node[01-32]", false),
+    ("cn[0001-0100]", false),
+    ("r[1-2]c[01-04]n[1-8]", false),
+    ("dgx[01-08]-ib[0-1]", false),
+    ("gpu[001-128]-ib0", true),
+    ("node[01-32]-hsn", true),
+    ("gpu[1-2]-ib", true),
+    ("nid[00001-00016].cluster.example.org", true),
+    ("rack[1-2]-gpu[01-16]-ib", true),
+];
+
+/// Text after the last bracket: typical suffixes and random words.
+fn suffix(rng: &mut Rng) -> String {
+    if rng.chance(50) {
+        rng.pick(&[
+            "-ib", "-ib0", "x", "-hsn", ".cluster", "5", "-07", "_a", "-", ".",
+        ])
+        .to_owned()
+    } else {
+        word(rng)
+    }
+}
+
+fn element(rng: &mut Rng, previous: Option<&String>, rules: Rules) -> String {
+    // From 23.11 on, any element with brackets may end in text.
+    let suffixes = rules != Rules::V22_05;
+    let with_suffix = |out: String, rng: &mut Rng| {
+        if suffixes && rng.chance(40) {
+            out + &suffix(rng)
+        } else {
+            out
+        }
+    };
+    match rng.below(12) {
         0 | 1 => {
             let mut name = word(rng);
             if name.ends_with(|c: char| c.is_ascii_digit()) {
@@ -282,7 +406,10 @@ fn element(rng: &mut Rng, previous: Option<&String>) -> String {
             }
             name
         }
-        2..=4 => word(rng) + &group(rng),
+        2..=4 => {
+            let out = word(rng) + &group(rng);
+            with_suffix(out, rng)
+        }
         5..=7 => {
             let groups = 2 + rng.below(3);
             let mut out = if rng.chance(85) {
@@ -296,27 +423,37 @@ fn element(rng: &mut Rng, previous: Option<&String>) -> String {
                 }
                 out.push_str(&group(rng));
             }
-            out
+            with_suffix(out, rng)
         }
-        8 => group(rng),
+        8 => {
+            let out = group(rng);
+            with_suffix(out, rng)
+        }
+        9 | 10 => loop {
+            let (scheme, needs_suffix) = SCHEMES[rng.below(SCHEMES.len() as u64) as usize];
+            if suffixes || !needs_suffix {
+                break scheme.to_owned();
+            }
+        },
         _ => previous.cloned().unwrap_or_else(|| word(rng)),
     }
 }
 
-/// A valid list of at most `max_hosts` hosts.
-fn valid_list(rng: &mut Rng, max_hosts: u64) -> String {
+/// A list valid under `rules` of at most `max_hosts` hosts.
+fn valid_list(rng: &mut Rng, max_hosts: u64, rules: Rules) -> String {
     loop {
         let elements = 1 + rng.below(4);
         let mut parts: Vec<String> = Vec::new();
         for _ in 0..elements {
-            let e = element(rng, parts.last());
+            let e = element(rng, parts.last(), rules);
             parts.push(e);
         }
         let mut list = parts.join(",");
         if rng.chance(5) {
             list = format!(",{list},,");
         }
-        let count = hostlist::count(&list)
+        let count = rules
+            .count(&list)
             .unwrap_or_else(|e| panic!("generated list {list:?} was refused: {e}"));
         if (1..=max_hosts).contains(&count) {
             return list;
@@ -324,28 +461,30 @@ fn valid_list(rng: &mut Rng, max_hosts: u64) -> String {
     }
 }
 
-#[test]
-fn expand_matches_scontrol_on_valid_lists() {
+fn expand_matches_scontrol_on_valid_lists(rules: Rules) {
     let started = Instant::now();
-    let scontrol = Scontrol::new();
+    let scontrol = Scontrol::new(rules);
     let mut rng = Rng(0x0005_1e44);
-    let lists: Vec<String> = (0..5_000).map(|_| valid_list(&mut rng, 200)).collect();
+    let lists: Vec<String> = (0..5_000)
+        .map(|_| valid_list(&mut rng, 300, rules))
+        .collect();
     let slurm = scontrol.batch(&lists);
+    let after_bracket = lists.iter().filter(|l| has_suffix(l)).count();
 
     let mut failures = Vec::new();
     let mut hosts_compared = 0;
     for (list, slurm) in lists.iter().zip(slurm) {
-        let ours = hostlist::expand(list).map_err(|e| e.to_string());
+        let ours = rules.expand(list).map_err(|e| e.to_string());
         let agree = matches!((&ours, &slurm), (Ok(a), Slurm::Hosts(b)) if a == b);
         if agree {
             hosts_compared += ours.as_ref().map_or(0, Vec::len);
             // The lazy queries must agree with the expansion too.
             let hosts = ours.unwrap();
-            assert_eq!(hostlist::count(list), Ok(hosts.len() as u64), "{list}");
-            assert_eq!(hostlist::first_host(list).as_ref(), Ok(&hosts[0]), "{list}");
+            assert_eq!(rules.count(list), Ok(hosts.len() as u64), "{list}");
+            assert_eq!(rules.first_host(list).as_ref(), Ok(&hosts[0]), "{list}");
             let last = hosts.len() as u64 - 1;
             assert_eq!(
-                hostlist::nth_host(list, last),
+                rules.nth_host(list, last),
                 Ok(hosts.last().cloned()),
                 "{list}"
             );
@@ -363,11 +502,38 @@ fn expand_matches_scontrol_on_valid_lists() {
         failures.join("\n")
     );
     eprintln!(
-        "{} lists, {hosts_compared} hosts identical to scontrol in {:.1?}",
+        "{rules:?}: {} lists ({after_bracket} with text after a bracket), \
+         {hosts_compared} hosts identical to scontrol in {:.1?}",
         lists.len(),
         started.elapsed()
     );
     assert!(hosts_compared > 20_000, "too few hosts: {hosts_compared}");
+    if rules != Rules::V22_05 {
+        assert!(after_bracket >= 1_000, "too few suffixes: {after_bracket}");
+    }
+}
+
+/// Whether some element of `list` has text after its last `]`.
+fn has_suffix(list: &str) -> bool {
+    // `tail`: characters since the last ']' of the current element.
+    let (mut open, mut tail) = (false, None::<usize>);
+    for b in list.bytes().chain([b',']) {
+        match b {
+            b'[' => open = true,
+            b']' => {
+                open = false;
+                tail = Some(0);
+            }
+            b',' if !open => {
+                if tail.is_some_and(|n| n > 0) {
+                    return true;
+                }
+                tail = None;
+            }
+            _ => tail = tail.map(|n| n + 1),
+        }
+    }
+    false
 }
 
 /// Ranges Slurm accepts only through `strtoul` quirks, refused by us on
@@ -423,11 +589,10 @@ fn documented_difference(list: &str, e: &HostlistError) -> bool {
     }
 }
 
-#[test]
-fn random_strings_agree_with_scontrol() {
+fn random_strings_agree_with_scontrol(rules: Rules) {
     const ALPHABET: &[u8] = b"n0123456789[]-,";
     let started = Instant::now();
-    let scontrol = Scontrol::new();
+    let scontrol = Scontrol::new(rules);
     let mut rng = Rng(0xba5e);
     let mut seen = HashSet::new();
     let mut lists = Vec::new();
@@ -474,7 +639,7 @@ fn random_strings_agree_with_scontrol() {
     let (mut both_valid, mut both_invalid, mut documented) = (0, 0, 0);
     let mut failures = Vec::new();
     for (list, slurm) in lists.iter().zip(slurm) {
-        let ours = hostlist::expand(list);
+        let ours = rules.expand(list);
         match (&ours, &slurm) {
             (Ok(a), Slurm::Hosts(b)) if a == b => both_valid += 1,
             (Err(_), Slurm::Invalid) => both_invalid += 1,
@@ -492,32 +657,30 @@ fn random_strings_agree_with_scontrol() {
         failures.join("\n")
     );
     eprintln!(
-        "{} random strings: {both_valid} same hosts, {both_invalid} both invalid, \
+        "{rules:?}: {} random strings: {both_valid} same hosts, {both_invalid} both invalid, \
          {documented} refused by us on purpose; {:.1?}",
         lists.len(),
         started.elapsed()
     );
     assert!(
-        both_valid >= 1_000 && both_invalid >= 500 && documented >= 500,
+        both_valid >= 1_000 && both_invalid >= 500 && documented >= 300,
         "too little coverage"
     );
 }
 
-#[test]
-fn malformed_lists_are_errors_and_scontrol_agrees_or_differs_as_documented() {
-    let scontrol = Scontrol::new();
+fn malformed_lists_are_errors_and_scontrol_agrees_or_differs_as_documented(rules: Rules) {
+    let scontrol = Scontrol::new(rules);
     let hosts = |s: &str| Slurm::Hosts(s.split_whitespace().map(str::to_owned).collect());
-    // (list, what scontrol 22.05 does, which error we give)
-    let cases = [
+    // (list, what scontrol does, which error we give)
+    let mut cases = vec![
         ("n[5-1]", Slurm::Invalid, "ReversedRange"),
         ("ok,n[5-1]", Slurm::Invalid, "ReversedRange"),
+        ("n[5-1]x", Slurm::Invalid, "ReversedRange"),
         ("n[]", Slurm::Invalid, "InvalidRange"),
         ("n[1,,2]", Slurm::Invalid, "InvalidRange"),
         ("n[a-b]", Slurm::Invalid, "InvalidRange"),
         ("n[1--2]", Slurm::Invalid, "InvalidRange"),
-        ("n[1-3]x", Slurm::Invalid, "TextAfterBracket"),
-        ("n[1-2]x[3-4]y", Slurm::Invalid, "TextAfterBracket"),
-        ("n[1-2]]", Slurm::Invalid, "UnopenedBracket"),
+        ("n[1x2]", Slurm::Invalid, "InvalidRange"),
         ("n[1-65537]", Slurm::Invalid, "RangeTooLarge"),
         ("n[1-1000000000]", Slurm::Invalid, "RangeTooLarge"),
         (
@@ -526,8 +689,8 @@ fn malformed_lists_are_errors_and_scontrol_agrees_or_differs_as_documented() {
             "GroupTooLarge",
         ),
         // Documented differences: Slurm answers, we refuse.
-        ("n[1-3", hosts("n]"), "UnclosedBracket"),
         ("a]", hosts("a]"), "UnopenedBracket"),
+        ("x]y[1-2]", hosts("x]y1 x]y2"), "UnopenedBracket"),
         ("a[[1-2]", hosts("a[1 a[2"), "NestedBracket"),
         ("n[1-]", hosts("n1"), "InvalidRange"),
         ("n[1a-3]", hosts("n01 n02 n03"), "InvalidRange"),
@@ -544,9 +707,28 @@ fn malformed_lists_are_errors_and_scontrol_agrees_or_differs_as_documented() {
             "NumberOverflow",
         ),
     ];
+    if rules == Rules::V22_05 {
+        cases.extend([
+            // `_hostlist_create_bracketed`: nothing after the last ']'.
+            ("n[1-3]x", Slurm::Invalid, "TextAfterBracket"),
+            ("gpu[01-02]-ib", Slurm::Invalid, "TextAfterBracket"),
+            ("n[1-2]x[3-4]y", Slurm::Invalid, "TextAfterBracket"),
+            ("n[1-2]]", Slurm::Invalid, "UnopenedBracket"),
+            // 22.05 closes an unclosed bracket itself.
+            ("n[1-3", hosts("n]"), "UnclosedBracket"),
+        ]);
+    } else {
+        cases.extend([
+            // From 23.11 the text after the last ']' is a suffix, even a ']'.
+            ("n[1-2]]", hosts("n1] n2]"), "UnopenedBracket"),
+            // From 23.02 an unclosed bracket is an error.
+            ("n[1-3", Slurm::Invalid, "UnclosedBracket"),
+            ("n[1-3,x", Slurm::Invalid, "UnclosedBracket"),
+        ]);
+    }
     for (list, slurm_says, variant) in cases {
         assert_eq!(scontrol.single(list), slurm_says, "scontrol on {list:?}");
-        match hostlist::expand(list) {
+        match rules.expand(list) {
             // The Debug form starts with the variant's name.
             Err(e) => assert!(
                 format!("{e:?}").starts_with(&format!("{variant} ")),
@@ -554,22 +736,52 @@ fn malformed_lists_are_errors_and_scontrol_agrees_or_differs_as_documented() {
             ),
             Ok(hosts) => panic!("{list:?} should be an error, gave {hosts:?}"),
         }
-        assert!(hostlist::first_host(list).is_err(), "{list:?}");
-        assert!(hostlist::count(list).is_err(), "{list:?}");
+        assert!(rules.first_host(list).is_err(), "{list:?}");
+        assert!(rules.count(list).is_err(), "{list:?}");
     }
 }
 
-#[test]
-fn whitespace_separators_match_scontrol() {
-    let scontrol = Scontrol::new();
-    for list in [
+fn whitespace_separators_match_scontrol(rules: Rules) {
+    let scontrol = Scontrol::new(rules);
+    let mut lists = vec![
         "a b",
         "a\tb",
         " n[1-2] , m ",
         "x,\t y",
         "n[01-02]  rack[1-2]-[3-4]-[5]",
-    ] {
-        let ours = hostlist::expand(list).unwrap();
+    ];
+    if rules != Rules::V22_05 {
+        // `hostlist_create_dims` separates on newlines from 23.02 on (22.05
+        // keeps them in names, refused here as control characters).
+        lists.extend(["a\nb", "n[1-2]-ib\nlogin1,\n"]);
+    }
+    for list in lists {
+        let ours = rules.expand(list).unwrap();
         assert_eq!(scontrol.single(list), Slurm::Hosts(ours), "{list:?}");
+    }
+}
+
+/// The naming schemes of issue 11, one `scontrol` call each: identical
+/// hosts, or (22.05, text after brackets) invalid on both sides.
+fn site_naming_schemes_match_scontrol(rules: Rules) {
+    let scontrol = Scontrol::new(rules);
+    for (list, needs_suffix) in SCHEMES.iter().copied().chain([
+        ("n[1-3]x", true),
+        ("a[1-2]b[3-4]c[5]d", true),
+        ("n[1]99999999999999999999", true),
+        ("login1,gpu[01-02]-ib,n[1-4]", true),
+    ]) {
+        let slurm = scontrol.single(list);
+        match rules.expand(list) {
+            Ok(ours) => {
+                assert!(!needs_suffix || rules != Rules::V22_05, "{list:?}");
+                assert_eq!(slurm, Slurm::Hosts(ours), "{list:?}");
+            }
+            Err(e) => {
+                assert!(needs_suffix && rules == Rules::V22_05, "{list:?}: {e}");
+                assert!(matches!(e, HostlistError::TextAfterBracket { .. }), "{e:?}");
+                assert_eq!(slurm, Slurm::Invalid, "{list:?}");
+            }
+        }
     }
 }

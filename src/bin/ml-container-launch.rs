@@ -1,15 +1,63 @@
-//! `ml-container-launch`: runs a task in its image where Slurm cannot
-//! prepend to the task's argv (before 23.11). The plugin makes this the
-//! task's argv[0] and leaves the runtime prefix and the real command in
-//! ML_CONTAINER_LAUNCH; the task's other arguments arrive as ours. Exec'ing
-//! here, after slurmstepd's own exec, keeps TaskProlog, TMPDIR, rlimits and
-//! cgroup placement intact.
+//! `ml-container-launch`: the process between slurmstepd and the container
+//! runtime in every containerized task.
+//!
+//! The plugin makes this the task's argv[0] and leaves the runtime prefix
+//! and the real command in ML_CONTAINER_LAUNCH; the task's other arguments
+//! arrive as ours. Running here, after slurmstepd's own exec, keeps
+//! TaskProlog, TMPDIR, rlimits and cgroup placement intact (nothing is
+//! exec'd from the plugin's task_init).
+//!
+//! Why a process of our own stays instead of exec'ing the runtime: when the
+//! task fails, it can still speak to the user on the task's own stderr —
+//! one line that names the failure report (srun itself only says "Exited
+//! with exit code N"), and, where the runtime exits 255 because a bare
+//! command name is not in the image (`python` in an image with only
+//! `python3`), which name is. Otherwise it is transparent:
+//! - stdin, stdout and stderr are the runtime's own (inherited, never
+//!   copied), so the job's output is byte for byte what it was;
+//! - the task ends as the runtime did: the same exit code, or death by the
+//!   same signal (re-raised on this process, core dumps off);
+//! - signals: Slurm signals every process of a step (proctrack's
+//!   container: scancel, time limits, srun's Ctrl-C, `--signal`), so one
+//!   sent by slurmstepd (our parent) already reached the runtime and is not
+//!   sent again; one from anyone else (`kill` of the task's pid) is passed
+//!   on to the runtime.
 #![forbid(unsafe_code)]
 
-use std::os::unix::process::CommandExt;
-use std::process::{Command, ExitCode};
+use std::ffi::OsString;
+use std::io::Write;
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
 
-use slurm_ml_container::launch::{LaunchSpec, LAUNCH_ENV};
+use nix::sys::resource::{setrlimit, Resource};
+use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::unistd::{getppid, Pid};
+
+use slurm_ml_container::launch::{
+    command_alternatives, failure_notice, missing_command_hint, Ended, LaunchSpec, LAUNCH_ENV,
+};
+
+/// Signals passed on to the runtime when someone other than slurmstepd
+/// sends them to this process. SIGCHLD is waited for, not passed on.
+const FORWARDED: [Signal; 13] = [
+    Signal::SIGHUP,
+    Signal::SIGINT,
+    Signal::SIGQUIT,
+    Signal::SIGTERM,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGALRM,
+    Signal::SIGCONT,
+    Signal::SIGTSTP,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+    Signal::SIGWINCH,
+    Signal::SIGXCPU,
+];
+
+/// How long the "is the command in the image" probe may take.
+const PROBE_LIMIT: Duration = Duration::from_secs(15);
 
 fn main() -> ExitCode {
     let spec = match std::env::var(LAUNCH_ENV)
@@ -25,12 +73,157 @@ fn main() -> ExitCode {
             return ExitCode::from(127);
         }
     };
-    let err = Command::new(&spec.prefix[0])
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let (ended, mask) = match run(&spec, &args) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("ml-container-launch: cannot run {}: {e}", spec.prefix[0]);
+            return ExitCode::from(127);
+        }
+    };
+    // The probe below runs with the task's own signal mask, as the runtime did.
+    let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&mask), None);
+    if let (Some(label), Some(line)) = (
+        &spec.task,
+        spec.task.as_ref().and_then(|l| failure_notice(l, ended)),
+    ) {
+        if ended == Ended::Code(255) && spec.in_image && spec.can_probe {
+            if let Some(hint) = probe_command(&spec, &label.image) {
+                let _ = writeln!(std::io::stderr(), "{hint}");
+            }
+        }
+        let _ = writeln!(std::io::stderr(), "{line}");
+    }
+    end_as(ended)
+}
+
+/// Runs the runtime and waits for it, passing on the signals that did not
+/// already reach it.
+fn run(spec: &LaunchSpec, args: &[OsString]) -> std::io::Result<(Ended, SigSet)> {
+    let mut mask = SigSet::empty();
+    for s in FORWARDED {
+        mask.add(s);
+    }
+    mask.add(Signal::SIGCHLD);
+    // The child first, then the mask: a child inherits the signal mask, and
+    // the payload must start with the one slurmstepd gave the task. A
+    // signal in the few microseconds between the two gets its default
+    // action here, as it would have without us; a SIGCHLD then is not
+    // lost, as the loop asks for the child's status before waiting.
+    let mut child = Command::new(&spec.prefix[0])
         .args(&spec.prefix[1..])
         .arg(&spec.command)
-        .args(std::env::args_os().skip(1))
+        .args(args)
         .env_remove(LAUNCH_ENV)
-        .exec();
-    eprintln!("ml-container-launch: cannot run {}: {err}", spec.prefix[0]);
-    ExitCode::from(127)
+        .spawn()?;
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC)?;
+    let child_pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+    let parent = getppid();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok((ended(status), mask));
+        }
+        let Some(info) = signals.read_signal()? else {
+            continue;
+        };
+        let Ok(sig) = Signal::try_from(i32::try_from(info.ssi_signo).unwrap_or(0)) else {
+            continue;
+        };
+        let from_slurmstepd = i32::try_from(info.ssi_pid).is_ok_and(|p| p == parent.as_raw());
+        if sig != Signal::SIGCHLD && !from_slurmstepd {
+            let _ = kill(child_pid, sig);
+        }
+    }
+}
+
+fn ended(status: ExitStatus) -> Ended {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => Ended::Code(c),
+        (None, Some(s)) => Ended::Signal(s),
+        (None, None) => Ended::Code(255),
+    }
+}
+
+/// Ends this process as the runtime ended.
+fn end_as(ended: Ended) -> ExitCode {
+    match ended {
+        Ended::Code(c) => ExitCode::from(u8::try_from(c & 0xff).unwrap_or(255)),
+        Ended::Signal(s) => {
+            // The runtime dumped core if it was going to; this process's
+            // own image is of no use to anyone.
+            let _ = setrlimit(Resource::RLIMIT_CORE, 0, 0);
+            // The default action of the signal, with the disposition reset
+            // first (the standard library ignores SIGPIPE in every Rust
+            // program) and the signal unblocked: ends the process as the
+            // runtime ended, for every signal a process can die of.
+            let _ = signal_hook::low_level::emulate_default_handler(s);
+            ExitCode::from(u8::try_from((128 + s) & 0xff).unwrap_or(255))
+        }
+    }
+}
+
+/// After the runtime exited 255 for a bare command name: asks the image's
+/// own shell which of the command and its alternatives its PATH has, and
+/// returns the hint when the command is not there.
+fn probe_command(spec: &LaunchSpec, image: &str) -> Option<String> {
+    let mut names = vec![spec.command.clone()];
+    names.extend(command_alternatives(&spec.command));
+    // The names are arguments of the script, never part of its text.
+    let mut child = Command::new(&spec.prefix[0])
+        .args(&spec.prefix[1..])
+        .args([
+            "/bin/sh",
+            "-c",
+            "for c do command -v -- \"$c\" || echo -; done",
+            "sh",
+        ])
+        .args(&names)
+        .env_remove(LAUNCH_ENV)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let out = wait_bounded(&mut child)?;
+    let text = String::from_utf8_lossy(&out);
+    let found: Vec<&str> = text.lines().map(str::trim).collect();
+    if found.len() != names.len() || found[0] != "-" {
+        // The command is there (it failed for another reason), or the
+        // image has no shell to ask: nothing to add.
+        return None;
+    }
+    let alternatives: Vec<String> = found[1..]
+        .iter()
+        .filter(|p| p.starts_with('/'))
+        .map(|p| p.to_string())
+        .collect();
+    Some(missing_command_hint(&spec.command, image, &alternatives))
+}
+
+/// The probe's output, or None if it failed or took longer than
+/// [`PROBE_LIMIT`] (then it is killed).
+fn wait_bounded(child: &mut Child) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let deadline = Instant::now() + PROBE_LIMIT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+    let mut out = Vec::new();
+    child
+        .stdout
+        .take()?
+        .take(64 << 10)
+        .read_to_end(&mut out)
+        .ok()?;
+    Some(out)
 }

@@ -5,6 +5,7 @@
 //! `export`, the symbols Slurm looks up in the plugin (spank(8)). Everything
 //! above this layer is safe Rust and is tested without Slurm.
 
+mod creds;
 mod export;
 mod logger;
 
@@ -35,6 +36,7 @@ pub const BUILT_FOR_SLURM: &str = env!("MLC_SLURM_VERSION");
 #[derive(Debug)]
 pub struct SpankHost {
     sp: sys::spank_t,
+    cancel: creds::CancelWatch,
 }
 
 /// The largest environment value read back from the job (spank_getenv needs
@@ -43,7 +45,10 @@ const MAX_ENV_VALUE: usize = 1 << 20;
 
 impl SpankHost {
     fn new(sp: sys::spank_t) -> SpankHost {
-        SpankHost { sp }
+        SpankHost {
+            sp,
+            cancel: creds::CancelWatch::default(),
+        }
     }
 
     /// S_JOB_ARGV: the count and the array itself.
@@ -81,6 +86,35 @@ impl SpankHost {
         // lives across the call and the handle is the callback's own.
         let rc = unsafe { sys::spank_get_item(self.sp, item, &mut v as *mut u32) };
         (rc == sys::ESPANK_SUCCESS).then_some(v)
+    }
+}
+
+impl SpankHost {
+    /// S_JOB_SUPPLEMENTARY_GIDS: the job's supplementary groups, as
+    /// slurmstepd resolved them (no NSS lookup here).
+    fn supplementary_gids(&self) -> Option<Vec<u32>> {
+        let mut gids: *mut libc::gid_t = std::ptr::null_mut();
+        let mut n: c_int = 0;
+        // SAFETY: spank.h documents S_JOB_SUPPLEMENTARY_GIDS as
+        // (gid_t **, int *); both out-pointers are valid locals and the
+        // handle is the callback's own.
+        let rc = unsafe {
+            sys::spank_get_item(
+                self.sp,
+                sys::S_JOB_SUPPLEMENTARY_GIDS,
+                &mut gids as *mut *mut libc::gid_t,
+                &mut n as *mut c_int,
+            )
+        };
+        if rc != sys::ESPANK_SUCCESS || n < 0 {
+            return None;
+        }
+        if gids.is_null() || n == 0 {
+            return Some(Vec::new());
+        }
+        // SAFETY: Slurm returns its own array of `n` gids (the step's),
+        // valid for the callback; it is copied here, never freed.
+        Some(unsafe { std::slice::from_raw_parts(gids, n as usize) }.to_vec())
     }
 }
 
@@ -233,41 +267,24 @@ impl Host for SpankHost {
         }
     }
 
-    #[cfg(has_prepend_task_argv)]
-    fn prepend_argv(&mut self, argv: &[String]) -> Result<(), HostError> {
-        let owned: Vec<CString> = argv
-            .iter()
-            .map(|a| to_cstring(a))
-            .collect::<Result<_, _>>()?;
-        let mut ptrs: Vec<*const c_char> = owned.iter().map(|c| c.as_ptr()).collect();
-        ptrs.push(std::ptr::null());
-        // SAFETY: `ptrs` holds argv.len() valid C strings (kept alive by
-        // `owned` across the call) and a NULL terminator; Slurm copies them
-        // (spank.h: spank_prepend_task_argv, Slurm >= 23.11).
-        let rc = unsafe {
-            sys::spank_prepend_task_argv(self.sp, argv.len() as c_int, ptrs.as_mut_ptr())
-        };
-        // The task execs right after task_init; whether Slurm copies the
-        // strings or keeps the pointers, leaving them allocated is safe.
-        std::mem::forget(owned);
-        std::mem::forget(ptrs);
-        if rc == sys::ESPANK_SUCCESS {
-            Ok(())
-        } else {
-            Err(HostError::Spank {
-                call: "spank_prepend_task_argv",
-                what: argv.first().cloned().unwrap_or_default(),
-                code: rc,
-                message: strerror(rc),
-            })
-        }
+    fn cancelled(&self) -> bool {
+        self.context() == Context::Remote && self.cancel.cancelled(self.job_id())
     }
 
-    #[cfg(not(has_prepend_task_argv))]
-    fn prepend_argv(&mut self, _argv: &[String]) -> Result<(), HostError> {
-        Err(HostError::Unsupported(
-            "spank_prepend_task_argv (Slurm >= 23.11)",
-        ))
+    fn as_job_user(&self, f: &mut (dyn FnMut() + Send)) -> Result<(), HostError> {
+        let fail = |message: String| HostError::Spank {
+            call: "as_job_user",
+            what: "the job's uid, gid and groups".to_string(),
+            code: 0,
+            message,
+        };
+        let (uid, gid) = self
+            .job_ids()
+            .ok_or_else(|| fail("Slurm gave no uid/gid".to_string()))?;
+        let groups = self
+            .supplementary_gids()
+            .ok_or_else(|| fail("Slurm gave no supplementary groups".to_string()))?;
+        creds::on_user_thread(uid, gid, &groups, f).map_err(|e| fail(e.to_string()))
     }
 
     fn register_option(&mut self, spec: &OptionSpec) -> Result<(), HostError> {

@@ -15,6 +15,11 @@
 # this script exits, the kernel kills every process of the pid namespace:
 # no daemon outlives its test. The harness finds node anchors by their
 # argv[0], mlc-anchor-nX, and enters them with nsenter.
+#
+# Node names are n1..nN unless STAGE/etc/slurm/node-names holds a pattern
+# with one %d, such as gpu%d-ib: node X is then gpu X-ib to Slurm (NodeName,
+# hostname, /etc/hosts; slurm.conf says NodeName=gpu[1-N]-ib), while its
+# anchor and network namespace keep the index (mlc-anchor-nX, netns nX).
 set -euo pipefail
 
 LOWER=$1
@@ -27,6 +32,14 @@ SCRATCH=$(mktemp -d /tmp/mlc-cluster.XXXXXX)
 
 log() { echo "cluster: $*" >&2; }
 die() { log "$*"; exit 1; }
+
+NAME_PATTERN=n%d
+if [[ -f $STAGE/etc/slurm/node-names ]]; then
+    NAME_PATTERN=$(head -n 1 "$STAGE/etc/slurm/node-names")
+fi
+[[ $NAME_PATTERN =~ ^[A-Za-z0-9._-]*%d[A-Za-z0-9._-]*$ ]] ||
+    die "node name pattern '$NAME_PATTERN': letters, digits, '.', '_', '-' and one %d"
+name() { echo "${NAME_PATTERN/\%d/$1}"; }
 
 [[ $$ == 1 ]] || die "must run as pid 1 of a new pid namespace (unshare --pid --fork)"
 # PLUGIN "-": install no plugin (a test installs the package instead).
@@ -63,20 +76,20 @@ mount -t tmpfs -o mode=0755 tmpfs "$R/run"
 plugin_dir=/usr/lib/x86_64-linux-gnu/slurm-wlm
 [[ $PLUGIN == - ]] || install -m 0755 "$PLUGIN" "$R$plugin_dir/spank_ml_container.so"
 mkdir -p "$R/etc/slurm/plugstack.conf.d" "$R/var/log/slurm" "$R/var/spool/slurmctld"
-for i in $(seq 1 "$NODES"); do mkdir -p "$R/var/spool/slurmd/n$i"; done
+for i in $(seq 1 "$NODES"); do mkdir -p "$R/var/spool/slurmd/$(name "$i")"; done
 echo 'include /etc/slurm/plugstack.conf.d/*.conf' >"$R/etc/slurm/plugstack.conf"
 
 {
     echo "127.0.0.1 localhost"
     echo "127.0.1.1 $(hostname)" # munged looks up its own name
-    for i in $(seq 1 "$NODES"); do echo "10.77.0.$i n$i"; done
+    for i in $(seq 1 "$NODES"); do echo "10.77.0.$i $(name "$i")"; done
 } >"$R/etc/hosts"
 
 # slurm.conf: the settings PLATFORM.md verified for several slurmd on one
 # machine. config_overrides lets nodes claim 4 CPUs on a 2-core machine.
 cat >"$R/etc/slurm/slurm.conf" <<CONF
 ClusterName=mlc
-SlurmctldHost=n1(10.77.0.1)
+SlurmctldHost=$(name 1)(10.77.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -102,11 +115,11 @@ PlugStackConfig=/etc/slurm/plugstack.conf
 InactiveLimit=0
 KillWait=5
 MinJobAge=300
-NodeName=n[1-$NODES] CPUs=4 State=UNKNOWN
+NodeName=$(name "[1-$NODES]") CPUs=4 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 if [[ -f $R/usr/include/slurm/slurm_version.h ]] &&
-    grep -q 'SLURM_VERSION_NUMBER 0x18' "$R/usr/include/slurm/slurm_version.h"; then
+    ! grep -q 'SLURM_VERSION_NUMBER 0x16' "$R/usr/include/slurm/slurm_version.h"; then
     echo "CgroupPlugin=disabled" >"$R/etc/slurm/cgroup.conf"
 fi
 
@@ -185,7 +198,7 @@ for i in $(seq 1 "$NODES"); do
     # Each node also gets its own /tmp, as real nodes have: Slurm's PMIx
     # plugin, for one, creates the same /tmp/spmix_appdir_* on every node.
     nsenter --net="/run/netns/n$i" -- unshare --uts --mount --propagation private -- \
-        bash -c "mount -t tmpfs -o mode=1777 tmpfs /tmp; hostname n$i; exec -a mlc-anchor-n$i sleep infinity" &
+        bash -c "mount -t tmpfs -o mode=1777 tmpfs /tmp; hostname $(name "$i"); exec -a mlc-anchor-n$i sleep infinity" &
     anchor[$i]=$!
 done
 sleep 0.2
@@ -197,7 +210,7 @@ in_node() {
 
 in_node 1 slurmctld -D -i >/var/log/slurm/slurmctld.stdout 2>&1 &
 for i in $(seq 1 "$NODES"); do
-    in_node "$i" slurmd -D -N "n$i" >"/var/log/slurm/slurmd-n$i.stdout" 2>&1 &
+    in_node "$i" slurmd -D -N "$(name "$i")" >"/var/log/slurm/slurmd-n$i.stdout" 2>&1 &
 done
 
 deadline=$((SECONDS + 60))

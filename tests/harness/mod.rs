@@ -3,9 +3,10 @@
 //! `Cluster::start` builds the plugin against the chosen Slurm's headers
 //! (once per test process), then runs `tests/cluster/cluster.sh` as pid 1 of
 //! a new pid and mount namespace. That script overlays a throwaway tmpfs on
-//! the Slurm root (the cached Debian trixie root for 24.11, the host for
-//! 22.05), gives each node its own network and UTS namespace, starts munged,
-//! slurmctld and one slurmd per node, and prints READY. Commands then run
+//! the Slurm root (the cached Debian trixie root for 24.11, the sid root
+//! for 26.05, the host for 22.05), gives each node its own network and UTS
+//! namespace, starts munged, slurmctld and one slurmd per node, and prints
+//! READY. Commands then run
 //! inside a node by `nsenter` into that node's anchor process, as the
 //! unprivileged user `mluser` or as root. Dropping the `Cluster` closes the
 //! script's stdin; it exits and the kernel kills every daemon of its pid
@@ -40,13 +41,21 @@ pub enum Slurm {
     V22_05,
     /// Debian 13's Slurm with Apptainer 1.4.5, in the cached trixie root.
     V24_11,
+    /// Debian sid's Slurm with Apptainer 1.4.5, in the cached sid root.
+    V26_05,
 }
 
 impl Slurm {
+    /// Every supported release, oldest first.
+    pub const ALL: [Slurm; 3] = [Slurm::V22_05, Slurm::V24_11, Slurm::V26_05];
+    /// The releases whose clusters have Apptainer.
+    pub const WITH_APPTAINER: [Slurm; 2] = [Slurm::V24_11, Slurm::V26_05];
+
     pub fn name(self) -> &'static str {
         match self {
             Slurm::V22_05 => "22.05",
             Slurm::V24_11 => "24.11",
+            Slurm::V26_05 => "26.05",
         }
     }
 
@@ -54,14 +63,14 @@ impl Slurm {
     pub fn lower(self) -> PathBuf {
         match self {
             Slurm::V22_05 => PathBuf::from("/"),
-            Slurm::V24_11 => trixie_root().clone(),
+            Slurm::V24_11 | Slurm::V26_05 => release_dirs(self).1.clone(),
         }
     }
 
     fn include_dir(self) -> PathBuf {
         match self {
             Slurm::V22_05 => PathBuf::from("/usr/include"),
-            Slurm::V24_11 => include_24_11().0.clone(),
+            Slurm::V24_11 | Slurm::V26_05 => release_dirs(self).0.clone(),
         }
     }
 }
@@ -74,30 +83,66 @@ fn target_dir() -> PathBuf {
     manifest_dir().join("target").join("cluster")
 }
 
-fn trixie_root() -> &'static PathBuf {
-    &include_24_11().1
-}
-
-/// `tests/cluster/include-24.11.sh`: the include dir that exposes only the
-/// trixie root's slurm/ headers (its libc headers must not shadow the
-/// host's for bindgen), and the root itself, built on first use. The same
-/// script serves build-deb.sh, which the package test runs concurrently
-/// with the other tests, so the link is made in one place only.
-fn include_24_11() -> &'static (PathBuf, PathBuf) {
-    static DIRS: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    DIRS.get_or_init(|| {
+/// `tests/cluster/include.sh RELEASE`: the include dir that exposes only
+/// the root's slurm/ headers (its libc headers must not shadow the host's
+/// for bindgen), and the root itself (trixie for 24.11, sid for 26.05),
+/// built on first use. The same script serves build-deb.sh, which the
+/// package test runs concurrently with the other tests, so the link is made
+/// in one place only.
+fn release_dirs(slurm: Slurm) -> &'static (PathBuf, PathBuf) {
+    static DIRS_24_11: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    static DIRS_26_05: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    let cell = match slurm {
+        Slurm::V26_05 => &DIRS_26_05,
+        _ => &DIRS_24_11,
+    };
+    cell.get_or_init(|| {
         let out = Command::new("bash")
-            .arg(manifest_dir().join("tests/cluster/include-24.11.sh"))
+            .arg(manifest_dir().join("tests/cluster/include.sh"))
+            .arg(slurm.name())
             .stderr(Stdio::inherit())
             .output()
-            .expect("run tests/cluster/include-24.11.sh");
-        assert!(out.status.success(), "building the trixie root failed");
+            .expect("run tests/cluster/include.sh");
+        assert!(
+            out.status.success(),
+            "building the root of Slurm {} failed",
+            slurm.name()
+        );
         let text = String::from_utf8_lossy(&out.stdout);
         let mut lines = text.lines().map(|l| PathBuf::from(l.trim()));
         let inc = lines.next().expect("include dir line");
         let root = lines.next().expect("root line");
         (inc, root)
     })
+}
+
+/// The admin CLI built against `slurm`'s headers (its hostlist rules are
+/// that release's), for clusters that must run the CLI of their own
+/// release; built once per test process, next to [`plugin`].
+pub fn cli(slurm: Slurm) -> PathBuf {
+    static BUILT: Mutex<Option<HashMap<Slurm, PathBuf>>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(PoisonError::into_inner);
+    let map = built.get_or_insert_with(HashMap::new);
+    if let Some(p) = map.get(&slurm) {
+        return p.clone();
+    }
+    let dir = target_dir().join(slurm.name());
+    let status = Command::new(env!("CARGO"))
+        .current_dir(manifest_dir())
+        .args(["build", "--quiet", "--bin", "ml-container", "--target-dir"])
+        .arg(&dir)
+        .env("SLURM_INCLUDE_DIR", slurm.include_dir())
+        .status()
+        .expect("run cargo build");
+    assert!(
+        status.success(),
+        "building the CLI for Slurm {} failed",
+        slurm.name()
+    );
+    let out = dir.join("ml-container");
+    fs::copy(dir.join("debug/ml-container"), &out).expect("copy CLI");
+    map.insert(slurm, out.clone());
+    out
 }
 
 /// The plugin built against `slurm`'s headers, optionally with the
@@ -375,11 +420,17 @@ pub fn images(markers: &[&str]) -> HashMap<String, PathBuf> {
         for m in &missing {
             // An image whose %environment sets RANK=999, to prove the
             // plugin's values win over the image's.
-            let extra = if *m == "rank999" {
-                "mkdir -p $d/.singularity.d/env && \
-                 echo 'export RANK=999 MASTER_PORT=1' > $d/.singularity.d/env/90-environment.sh &&"
-            } else {
-                ""
+            let extra = match *m {
+                "rank999" => {
+                    "mkdir -p $d/.singularity.d/env && \
+                     echo 'export RANK=999 MASTER_PORT=1' > $d/.singularity.d/env/90-environment.sh &&"
+                }
+                // An image with `python3` and no `python`, as Debian's.
+                "py3" => {
+                    "printf '#!/bin/sh\\necho python3 stand-in \\\"$@\\\"\\n' > $d/bin/python3 && \
+                     chmod 755 $d/bin/python3 &&"
+                }
+                _ => "",
             };
             let script = format!(
                 "set -e; d=/tmp/sb-{m}; rm -rf $d; mkdir -p $d/bin $d/tmp $d/home $d/etc; touch $d/etc/passwd $d/etc/group; \
@@ -468,25 +519,23 @@ impl Cluster {
                 fs::set_permissions(&dest, fs::Permissions::from_mode(0o755)).expect("chmod");
             }
         }
-        // The CLI and the pre-23.11 launcher, as the package installs them.
-        let tools: &[(&str, &str)] = if opts.install_plugin {
-            &[
+        // The CLI (built for this cluster's release: its hostlist rules are
+        // that release's) and the launcher, as the package installs them.
+        let tools: Vec<(PathBuf, &str)> = if opts.install_plugin {
+            vec![
+                (cli(slurm), "/usr/local/bin/ml-container"),
                 (
-                    env!("CARGO_BIN_EXE_ml-container"),
-                    "/usr/local/bin/ml-container",
-                ),
-                (
-                    env!("CARGO_BIN_EXE_ml-container-launch"),
+                    PathBuf::from(env!("CARGO_BIN_EXE_ml-container-launch")),
                     "/usr/libexec/slurm-ml-container/ml-container-launch",
                 ),
             ]
         } else {
-            &[]
+            Vec::new()
         };
-        for &(host, inside) in tools {
+        for (host, inside) in &tools {
             let dest = stage.join(inside.trim_start_matches('/'));
             fs::create_dir_all(dest.parent().expect("parent")).expect("stage dir");
-            fs::copy(host, &dest).unwrap_or_else(|e| panic!("stage {host}: {e}"));
+            fs::copy(host, &dest).unwrap_or_else(|e| panic!("stage {}: {e}", host.display()));
             fs::set_permissions(&dest, fs::Permissions::from_mode(0o755)).expect("chmod");
         }
         for (host, inside) in &opts.copies {

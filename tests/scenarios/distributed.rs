@@ -8,14 +8,16 @@ use crate::harness::{assert_contract_beats_rank999, mpi_image, Cluster, Options,
 use slurm_ml_container::hostlist;
 
 crate::on_slurm_24_11!(
-    variables_agree_with_slurm_for_every_layout,
-    heterogeneous_step_agrees_with_slurm,
     ranks_rendezvous_with_rank_0_across_nodes,
     concurrent_steps_get_different_ports_and_both_rendezvous,
     user_values_survive_and_the_image_environment_loses,
     dist_off_sets_nothing,
-    batch_script_gets_master_addr_and_port,
     cli_env_prints_what_the_plugin_sets,
+);
+crate::on_apptainer_slurms!(
+    variables_agree_with_slurm_for_every_layout,
+    heterogeneous_step_agrees_with_slurm,
+    batch_script_gets_master_addr_and_port,
 );
 
 /// Writes `script` to the user's home and runs it with `sbatch --wait`.
@@ -29,8 +31,12 @@ fn sbatch_wait(c: &Cluster, name: &str, script: &str, args: &[&str]) {
 }
 
 fn cluster(nodes: usize, images: &[&str]) -> Cluster {
+    cluster_on(Slurm::V24_11, nodes, images)
+}
+
+fn cluster_on(slurm: Slurm, nodes: usize, images: &[&str]) -> Cluster {
     Cluster::start_with(
-        Slurm::V24_11,
+        slurm,
         Options {
             nodes,
             ..Options::default()
@@ -112,9 +118,9 @@ fn check_consistent(seen: &[Seen], tasks: usize) {
     }
 }
 
-fn variables_agree_with_slurm_for_every_layout() {
+fn variables_agree_with_slurm_for_every_layout(slurm: Slurm) {
     for nodes in [2usize, 3] {
-        let c = cluster(nodes, &["demo"]);
+        let c = cluster_on(slurm, nodes, &["demo"]);
         let n = nodes.to_string();
         let layouts: Vec<(Vec<&str>, usize)> = vec![
             (vec!["-N", &n, "-n4"], 4),
@@ -132,8 +138,8 @@ fn variables_agree_with_slurm_for_every_layout() {
     }
 }
 
-fn heterogeneous_step_agrees_with_slurm() {
-    let c = cluster(2, &["demo"]);
+fn heterogeneous_step_agrees_with_slurm(slurm: Slurm) {
+    let c = cluster_on(slurm, 2, &["demo"]);
     let r = c.srun(&[
         "-N1",
         "-n1",
@@ -323,8 +329,8 @@ fn dist_off_sets_nothing() {
     assert_eq!(r.stdout.lines().count(), 2, "{r}");
 }
 
-fn batch_script_gets_master_addr_and_port() {
-    let c = cluster(2, &["demo"]);
+fn batch_script_gets_master_addr_and_port(slurm: Slurm) {
+    let c = cluster_on(slurm, 2, &["demo"]);
     let script = "#!/bin/sh\n\
                   echo batch $MASTER_ADDR $MASTER_PORT\n\
                   srun -N2 -n2 /bin/sh -c 'echo step $RANK $MASTER_ADDR $MASTER_PORT $(cat /MARKER)'\n";

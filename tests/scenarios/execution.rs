@@ -9,13 +9,15 @@ use crate::harness::{
 };
 
 crate::on_slurm_24_11!(
-    task_runs_in_the_image_as_the_user_with_binds_and_stdin,
-    exit_codes_and_signals_pass_through,
-    task_prolog_and_tmpdir_still_work,
     commands_are_looked_up_in_the_image,
     bad_setups_fail_clearly_and_fast,
     nv_exactly_when_the_step_has_gpus,
     the_singularity_kind_runs_the_image_with_the_contract,
+);
+crate::on_apptainer_slurms!(
+    task_runs_in_the_image_as_the_user_with_binds_and_stdin,
+    exit_codes_and_signals_pass_through,
+    task_prolog_and_tmpdir_still_work,
     options_can_come_from_slurms_spank_option_variables,
 );
 
@@ -25,16 +27,23 @@ fn charliecloud_runs_a_step_on_slurm_22_05() {
 }
 
 fn cluster(opts: Options) -> Cluster {
-    Cluster::start_with(Slurm::V24_11, opts.with_scan_images(&["demo"]))
+    cluster_on(Slurm::V24_11, opts)
+}
+
+fn cluster_on(slurm: Slurm, opts: Options) -> Cluster {
+    Cluster::start_with(slurm, opts.with_scan_images(&["demo"]))
 }
 
 const CONFIG: &str = "/etc/slurm/ml-container.toml";
 
-fn task_runs_in_the_image_as_the_user_with_binds_and_stdin() {
-    let c = cluster(Options::default().file(
-        CONFIG,
-        "[runtime]\nbinds = [\"/shared/data:/data:ro\", \"/shared/models:/models\"]\n",
-    ));
+fn task_runs_in_the_image_as_the_user_with_binds_and_stdin(slurm: Slurm) {
+    let c = cluster_on(
+        slurm,
+        Options::default().file(
+            CONFIG,
+            "[runtime]\nbinds = [\"/shared/data:/data:ro\", \"/shared/models:/models\"]\n",
+        ),
+    );
     c.run_root(
         1,
         &[
@@ -69,12 +78,16 @@ fn task_runs_in_the_image_as_the_user_with_binds_and_stdin() {
     // The default bind whose source is absent was skipped, and said so.
     let log = c.slurmd_log(1);
     assert!(
-        log.contains("default bind /shared/models:/models:rw skipped"),
+        log.contains(
+            "default binds skipped, their sources do not exist on this node: /shared/models"
+        ),
         "{log}"
     );
     // The runtime command, as logged.
     assert!(
-        log.contains("runtime command: /usr/bin/apptainer exec --bind /shared/data:/data:ro"),
+        log.contains(
+            "runtime command: /usr/bin/apptainer --quiet exec --bind /shared/data:/data:ro"
+        ),
         "{log}"
     );
 
@@ -96,8 +109,8 @@ fn task_runs_in_the_image_as_the_user_with_binds_and_stdin() {
     assert_eq!(r.assert_ok().stdout, "through stdin\n", "{r}");
 }
 
-fn exit_codes_and_signals_pass_through() {
-    let c = cluster(Options::default());
+fn exit_codes_and_signals_pass_through(slurm: Slurm) {
+    let c = cluster_on(slurm, Options::default());
     let r = c.srun(&["-N1", "--ml-container=demo", "/bin/sh", "-c", "exit 7"]);
     assert_eq!(r.code, Some(7), "{r}");
 
@@ -128,8 +141,11 @@ fn exit_codes_and_signals_pass_through() {
     assert_eq!(c.read(&trapped), "TERM\n", "the trap did not run: {r}");
 }
 
-fn task_prolog_and_tmpdir_still_work() {
-    let c = cluster(Options::default().task_prolog("echo export FROM_PROLOG=prolog-ran"));
+fn task_prolog_and_tmpdir_still_work(slurm: Slurm) {
+    let c = cluster_on(
+        slurm,
+        Options::default().task_prolog("echo export FROM_PROLOG=prolog-ran"),
+    );
     let tmp = format!("{HOME}/jobtmp");
     let r = c.srun_env(
         &[("TMPDIR", &tmp)],
@@ -197,8 +213,8 @@ fn commands_are_looked_up_in_the_image() {
 /// `SLURM_SPANK__SLURM_SPANK_OPTION_<plugin>_<option>`, non-alphanumerics
 /// as `_` (src/common/plugstack.c, spank_process_env_options); the plugin
 /// sees the value through the same callback, checks included.
-fn options_can_come_from_slurms_spank_option_variables() {
-    let c = cluster(Options::default());
+fn options_can_come_from_slurms_spank_option_variables(slurm: Slurm) {
+    let c = cluster_on(slurm, Options::default());
     let var = |opt: &str| format!("SLURM_SPANK__SLURM_SPANK_OPTION_ml_container_{opt}");
     let image = var("ml_container");
     let gpus = var("ml_container_gpus");
@@ -359,7 +375,7 @@ fn the_singularity_kind_runs_the_image_with_the_contract() {
     assert_contract_beats_rank999(&c);
     let log = c.slurmd_log(1);
     assert!(
-        log.contains("runtime command: /usr/bin/singularity exec"),
+        log.contains("runtime command: /usr/bin/singularity --quiet exec"),
         "{log}"
     );
 }
@@ -437,4 +453,31 @@ fn mpi_ranks_wire_up_across_nodes_with_pmix() {
     }
     let hosts: std::collections::BTreeSet<&str> = lines.iter().map(|f| f[4].as_str()).collect();
     assert_eq!(hosts.len(), 2, "{r}");
+    // Slurm's PMIx server directory is bound into the container at the
+    // same path, on every node (README: "srun --mpi=pmix wire-up"): the
+    // image has no such directory of its own.
+    let r = c.srun(&[
+        "-N2",
+        "-n2",
+        "--mpi=pmix",
+        "--ml-container=mpi",
+        "python3",
+        "-c",
+        "import os; d = os.environ['PMIX_SERVER_TMPDIR'].rstrip('/'); \
+         print(os.uname().nodename, d, os.path.isdir(d))",
+    ]);
+    r.assert_ok();
+    let seen: Vec<Vec<&str>> = r.stdout.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(seen.len(), 2, "{r}");
+    for f in seen {
+        let (node, dir, inside) = (f[0], f[1], f[2]);
+        assert_eq!(inside, "True", "{dir} not in the container on {node}: {r}");
+        let log = c.slurmd_log(node[1..].parse().unwrap());
+        let bind = format!("--bind {dir}:{dir} ");
+        assert!(
+            log.lines()
+                .any(|l| l.contains("runtime command:") && l.contains(&bind)),
+            "no {bind} in {node}'s runtime commands:\n{log}"
+        );
+    }
 }

@@ -10,13 +10,15 @@ use slurm_ml_container::probe;
 use crate::harness::{Cluster, Options, Run, Slurm};
 
 crate::on_slurm_24_11!(
-    a_failed_task_leaves_a_report_on_its_node_and_metrics_lines,
-    signals_and_scancel_are_recorded,
     the_other_ranks_report_an_unreachable_master,
     a_successful_step_writes_metrics_and_no_report,
     a_planted_symlink_is_not_followed,
     a_hung_probe_costs_at_most_its_timeout,
     an_oom_kill_is_named_in_the_report,
+);
+crate::on_apptainer_slurms!(
+    a_failed_task_leaves_a_report_on_its_node_and_metrics_lines,
+    signals_and_scancel_are_recorded,
     an_oom_kill_in_the_steps_own_cgroup_is_named_exactly,
 );
 
@@ -24,7 +26,11 @@ const REPORTS: &str = "/var/log/slurm/debug";
 const METRICS: &str = "/var/log/slurm/job_metrics.log";
 
 fn cluster(opts: Options) -> Cluster {
-    Cluster::start_with(Slurm::V24_11, opts.with_scan_images(&["demo"]))
+    cluster_on(Slurm::V24_11, opts)
+}
+
+fn cluster_on(slurm: Slurm, opts: Options) -> Cluster {
+    Cluster::start_with(slurm, opts.with_scan_images(&["demo"]))
 }
 
 /// The report of job/step on node, waiting at most `within` for it.
@@ -66,8 +72,8 @@ fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> 
     }
 }
 
-fn a_failed_task_leaves_a_report_on_its_node_and_metrics_lines() {
-    let c = cluster(Options::default());
+fn a_failed_task_leaves_a_report_on_its_node_and_metrics_lines(slurm: Slurm) {
+    let c = cluster_on(slurm, Options::default());
     // A syslog daemon on the cluster's own /dev/log (failure.syslog is on
     // by default); it forks into the background and lives as long as the
     // cluster.
@@ -118,7 +124,8 @@ fn a_failed_task_leaves_a_report_on_its_node_and_metrics_lines() {
     );
     assert_eq!(syslog.matches("ml-container:").count(), 1, "{syslog}");
 
-    // Readable by the job's user, writable by nobody but root.
+    // Readable by the job's user (its owner, 0400) and root, not by the
+    // job's group (issue 10); nobody but root adds to the directory.
     let ls = c.run_root(
         1,
         &[
@@ -131,7 +138,7 @@ fn a_failed_task_leaves_a_report_on_its_node_and_metrics_lines() {
     );
     assert_eq!(
         ls.assert_ok().stdout,
-        "root mluser 750\nroot mluser 640\n",
+        "root mluser 750\nmluser root 400\n",
         "{ls}"
     );
     c.run(1, &[], &["cat", &format!("{REPORTS}/1/0.n2.json")])
@@ -148,8 +155,8 @@ fn a_failed_task_leaves_a_report_on_its_node_and_metrics_lines() {
     assert_eq!(none.code, Some(1), "{none}");
 }
 
-fn signals_and_scancel_are_recorded() {
-    let c = cluster(Options::default());
+fn signals_and_scancel_are_recorded(slurm: Slurm) {
+    let c = cluster_on(slurm, Options::default());
     let r = on_n1(&c, "kill -9 $$");
     r.assert_failed();
     let rep = report(&c, 1, "n1", Duration::from_secs(2)).expect("report of job 1");
@@ -445,7 +452,7 @@ impl Drop for SlurmCgroupRoots {
 /// cgroup (`.../job_1/step_0`), and the report reads that cgroup's own
 /// OOM counter, names the cgroup and says the step ran out of memory
 /// without a "most likely".
-fn an_oom_kill_in_the_steps_own_cgroup_is_named_exactly() {
+fn an_oom_kill_in_the_steps_own_cgroup_is_named_exactly(slurm: Slurm) {
     let _roots = SlurmCgroupRoots(
         [
             "slurm_n1",
@@ -458,7 +465,8 @@ fn an_oom_kill_in_the_steps_own_cgroup_is_named_exactly() {
         .map(String::from)
         .to_vec(),
     );
-    let c = cluster(
+    let c = cluster_on(
+        slurm,
         Options::default()
             .file("/etc/slurm/node-extra", "RealMemory=2000")
             .file(

@@ -4,7 +4,7 @@
 use crate::harness::{self, Cluster, Options, Slurm};
 use slurm_ml_container::options::OPTIONS;
 
-crate::on_both_slurms!(
+crate::on_every_slurm!(
     help_lists_every_option,
     bad_value_fails_in_srun_before_launch,
     option_value_reaches_every_node,
@@ -57,13 +57,13 @@ fn bad_value_fails_in_srun_before_launch(slurm: Slurm) {
     }
 }
 
-/// A `--ml-container` step ran: on 24.11 it succeeded; on 22.05 (no
+/// A `--ml-container` step ran: on 24.11 and 26.05 it succeeded; on 22.05 (no
 /// Apptainer on the host, no spank_prepend_task_argv; execution there is
 /// issue 5's) every task failed with the plugin's explicit node error.
 #[track_caller]
 fn expect_container_run(slurm: Slurm, r: &harness::Run) {
     match slurm {
-        Slurm::V24_11 => {
+        Slurm::V24_11 | Slurm::V26_05 => {
             r.assert_ok();
         }
         Slurm::V22_05 => {

@@ -7,10 +7,14 @@ pub mod foundation;
 pub mod package;
 pub mod pytorch;
 pub mod registry;
+pub mod releases;
+pub mod rough_edges;
+pub mod security;
+pub mod security_outputs;
 
-/// Instantiates scenarios for both Slurm releases.
+/// Instantiates scenarios for every supported Slurm release.
 #[macro_export]
-macro_rules! on_both_slurms {
+macro_rules! on_every_slurm {
     ($($name:ident),* $(,)?) => {
         $(
             mod $name {
@@ -22,6 +26,32 @@ macro_rules! on_both_slurms {
                 #[test]
                 fn slurm_24_11() {
                     super::$name(Slurm::V24_11)
+                }
+                #[test]
+                fn slurm_26_05() {
+                    super::$name(Slurm::V26_05)
+                }
+            }
+        )*
+    };
+}
+
+/// Instantiates scenarios for the releases with Apptainer (24.11, 26.05):
+/// each module's representative scenarios, so that a release's differences
+/// show without running every scenario twice (CI time).
+#[macro_export]
+macro_rules! on_apptainer_slurms {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use super::*;
+                #[test]
+                fn slurm_24_11() {
+                    super::$name(Slurm::V24_11)
+                }
+                #[test]
+                fn slurm_26_05() {
+                    super::$name(Slurm::V26_05)
                 }
             }
         )*

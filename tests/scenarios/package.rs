@@ -1,16 +1,18 @@
 //! Issue 7 (Debian package) acceptance: in a clean trixie root (Slurm 24.11,
 //! Apptainer), the package alone makes `srun --ml-container=NAME` work; an
-//! upgrade keeps an edited config; removing it leaves srun working.
+//! upgrade keeps an edited config; removing it leaves srun working. Issue
+//! 11: the same for the 26.05 package in a clean sid root.
 
 use crate::harness::{build_deb, images, Cluster, Options, Slurm};
 
-#[test]
-fn the_deb_installs_runs_upgrades_and_removes() {
-    let first = build_deb(Slurm::V24_11, "0.1.0");
-    let second = build_deb(Slurm::V24_11, "0.1.1");
+crate::on_apptainer_slurms!(the_deb_installs_runs_upgrades_and_removes);
+
+fn the_deb_installs_runs_upgrades_and_removes(slurm: Slurm) {
+    let first = build_deb(slurm, "0.1.0");
+    let second = build_deb(slurm, "0.1.1");
     let img = images(&["pkgdemo"]);
     let c = Cluster::start_with(
-        Slurm::V24_11,
+        slurm,
         Options {
             install_plugin: false,
             ..Options::default()
@@ -61,7 +63,8 @@ fn the_deb_installs_runs_upgrades_and_removes() {
     ]);
     assert_eq!(r.assert_ok().stdout, "pkgdemo\npkgdemo\n", "{r}");
     let doctor = c.run_root(1, &["ml-container", "doctor"]);
-    assert!(doctor.stdout.contains("built for Slurm 24.11"), "{doctor}");
+    let built_for = format!("built for Slurm {}", slurm.name());
+    assert!(doctor.stdout.contains(&built_for), "{doctor}");
 
     // An edited config survives the upgrade.
     c.write(
@@ -74,7 +77,11 @@ fn the_deb_installs_runs_upgrades_and_removes() {
         1,
         &["dpkg-query", "-W", "-f", "${Version}", "slurm-ml-container"],
     );
-    assert_eq!(v.assert_ok().stdout, "0.1.1+slurm24.11", "{v}");
+    assert_eq!(
+        v.assert_ok().stdout,
+        format!("0.1.1+slurm{}", slurm.name()),
+        "{v}"
+    );
     assert_eq!(
         c.read("/etc/slurm/ml-container.toml"),
         "[env]\nFROM_SITE = \"edited\"\n"

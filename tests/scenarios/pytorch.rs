@@ -345,13 +345,22 @@ fn command_missing_from_the_image_names_image_and_command() {
         "pass",
     ]);
     r.assert_failed();
-    assert!(r.stderr.contains("python"), "{r}");
-    // TODO(lead, issue 13): enable these two once the plugin's hint for a
-    // command missing from the image is merged; today the user sees
-    // Apptainer's bare `FATAL: "python": executable file not found in $PATH`
-    // and exit 255, which names the command but not the image.
-    // assert!(r.stderr.contains("pytorch"), "the error does not name the image: {r}");
-    // assert_ne!(r.code, Some(255), "Apptainer's bare 255: {r}");
+    // Beyond Apptainer's bare `FATAL: "python": executable file not found
+    // in $PATH`: one line naming the command and the image, with the name
+    // that is there.
+    let hint = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("'python' is not in image"))
+        .unwrap_or_else(|| panic!("no hint naming the command: {r}"));
+    assert!(
+        hint.contains("pytorch:test"),
+        "the hint does not name the image: {r}"
+    );
+    assert!(
+        hint.contains("python3"),
+        "the hint does not offer python3: {r}"
+    );
     // The same command that is in the image runs.
     c.srun(&[
         "-N1",

@@ -9,12 +9,14 @@ use crate::harness::{images, Cluster, Options, Slurm, HOME, REGISTRY};
 use slurm_ml_container::integrity::sha256_file;
 
 crate::on_slurm_24_11!(
-    images_run_by_name_tag_alias_scan_and_path,
-    escapes_are_refused_in_srun_before_any_node_runs,
-    catalog_rewritten_mid_launch_runs_the_pinned_image,
     truncated_image_refused_under_quick,
     flipped_byte_refused_under_full_and_hash_cached,
     untrusted_catalog_refused,
+);
+crate::on_apptainer_slurms!(
+    images_run_by_name_tag_alias_scan_and_path,
+    escapes_are_refused_in_srun_before_any_node_runs,
+    catalog_rewritten_mid_launch_fails_the_step_clearly,
 );
 
 const CATALOG: &str = "/opt/containers/.registry/catalog.toml";
@@ -39,7 +41,7 @@ fn entry(name: &str, tag: &str, path: &str, extra: &str) -> String {
     format!("[[image]]\nname = \"{name}\"\ntag = \"{tag}\"\npath = \"{path}\"\n{extra}\n")
 }
 
-fn images_run_by_name_tag_alias_scan_and_path() {
+fn images_run_by_name_tag_alias_scan_and_path(slurm: Slurm) {
     let img = images(&["a1", "a2", "b1", "scan", "direct"]);
     let catalog = format!(
         "version = 1\n{}{}{}",
@@ -63,7 +65,7 @@ fn images_run_by_name_tag_alias_scan_and_path() {
         ),
     );
     let c = Cluster::start_with(
-        Slurm::V24_11,
+        slurm,
         Options::default()
             .copy(&img["a1"], "/opt/containers/ml-frameworks/a1.sif")
             .copy(&img["a2"], "/opt/containers/ml-frameworks/a2.sif")
@@ -107,10 +109,10 @@ fn images_run_by_name_tag_alias_scan_and_path() {
     assert!(r.stderr.contains("ml-container list"), "{r}");
 }
 
-fn escapes_are_refused_in_srun_before_any_node_runs() {
+fn escapes_are_refused_in_srun_before_any_node_runs(slurm: Slurm) {
     let img = images(&["a1"]);
     let c = Cluster::start_with(
-        Slurm::V24_11,
+        slurm,
         Options::default()
             .copy(&img["a1"], "/opt/containers/ml-frameworks/a1.sif")
             .copy(&img["a1"], "/srv/elsewhere/evil.sif"),
@@ -154,7 +156,11 @@ fn escapes_are_refused_in_srun_before_any_node_runs() {
     assert_eq!(r.assert_ok().stdout.trim(), "1", "{r}");
 }
 
-fn catalog_rewritten_mid_launch_runs_the_pinned_image() {
+/// Issue 10 (M1) changed this: a node resolves the image again from its
+/// own catalog and srun's pin may only confirm it, so a catalog rewritten
+/// while srun waits fails the step with a clear message (it used to run
+/// the pinned image, which meant believing a value the user can set).
+fn catalog_rewritten_mid_launch_fails_the_step_clearly(slurm: Slurm) {
     let img = images(&["a1", "a2"]);
     let first = format!(
         "version = 1\n{}{}",
@@ -162,7 +168,7 @@ fn catalog_rewritten_mid_launch_runs_the_pinned_image() {
         entry("alpha", "2", "ml-frameworks/a2.sif", "default = true"),
     );
     let c = Cluster::start_with(
-        Slurm::V24_11,
+        slurm,
         Options::default()
             .copy(&img["a1"], "/opt/containers/ml-frameworks/a1.sif")
             .copy(&img["a2"], "/opt/containers/ml-frameworks/a2.sif")
@@ -223,14 +229,25 @@ fn catalog_rewritten_mid_launch_runs_the_pinned_image() {
         ])
     };
 
-    // 1. The catalog now says alpha = a1; the waiting step still runs a2.
+    // 1. The catalog now says alpha = a1; srun chose a2: no node runs
+    // either, and the user is told why.
     let holder = hold("8");
     let bg = launch();
     wait_pending(&holder);
     c.write(CATALOG, &rewritten, 0o644);
     let r = bg.wait();
-    r.assert_ok();
-    assert_eq!(r.stdout.lines().collect::<Vec<_>>(), ["a2", "a2"], "{r}");
+    r.assert_failed();
+    assert!(r.stderr.contains("changed after srun chose it"), "{r}");
+    assert!(
+        r.stderr
+            .contains("the catalog was rewritten during the launch"),
+        "{r}"
+    );
+    assert!(r.stderr.contains("submit it again"), "{r}");
+    assert!(
+        !r.stdout.contains("a1") && !r.stdout.contains("a2"),
+        "a node ran an image: {r}"
+    );
     // A new step follows the new catalog.
     assert_eq!(markers(&c, "alpha", "2"), ["a1", "a1"]);
 

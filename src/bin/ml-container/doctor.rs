@@ -24,6 +24,10 @@ impl Findings {
     fn ok(&mut self, what: String) {
         println!("ok      {what}");
     }
+    /// A fact a site must know but that is not a fault of the install.
+    fn note(&mut self, what: String) {
+        println!("note    {what}");
+    }
     fn problem(&mut self, what: String, fix: &str) {
         self.problems += 1;
         println!("PROBLEM {what}; fix: {fix}");
@@ -59,6 +63,9 @@ pub fn doctor(cfg: &SiteConfig, config_path: &Path) -> ExitCode {
             "install it on every node, or set runtime.path",
         ),
     }
+
+    runtime_policy(&mut f, cfg);
+    outputs(&mut f, cfg);
 
     // The plugstack snippet and the plugin it loads.
     match fs::read_to_string(SNIPPET) {
@@ -177,11 +184,166 @@ pub fn doctor(cfg: &SiteConfig, config_path: &Path) -> ExitCode {
     finish(f)
 }
 
+/// `key = value` lines of apptainer.conf/singularity.conf (`#` comments;
+/// a later line wins, except that `bind path` and the like repeat).
+fn conf_settings(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect()
+}
+
+/// SECURITY.md, "Apptainer settings": which of the settings that make the
+/// site's image and bind policy a boundary (rather than a convenience) this
+/// node has. Notes, not problems: many sites run Apptainer unprivileged on
+/// purpose.
+fn runtime_policy(f: &mut Findings, cfg: &SiteConfig) {
+    use slurm_ml_container::config::RuntimeKind;
+    let (conf, starters, ecl) = match cfg.runtime.kind {
+        RuntimeKind::Apptainer => (
+            "/etc/apptainer/apptainer.conf",
+            [
+                "/usr/libexec/apptainer/bin/starter-suid",
+                "/usr/lib/x86_64-linux-gnu/apptainer/bin/starter-suid",
+            ],
+            "/etc/apptainer/ecl.toml",
+        ),
+        RuntimeKind::Singularity => (
+            "/etc/singularity/singularity.conf",
+            [
+                "/usr/libexec/singularity/bin/starter-suid",
+                "/usr/lib/x86_64-linux-gnu/singularity/bin/starter-suid",
+            ],
+            "/etc/singularity/ecl.toml",
+        ),
+        RuntimeKind::Charliecloud => {
+            f.note(
+                "runtime charliecloud is unprivileged: the image and bind policy is a \
+                 convenience, not a boundary (SECURITY.md)"
+                    .into(),
+            );
+            return;
+        }
+    };
+    let text = match fs::read_to_string(conf) {
+        Ok(t) => t,
+        Err(e) => {
+            f.note(format!(
+                "{conf}: {e}: cannot tell the runtime's policy settings"
+            ));
+            return;
+        }
+    };
+    let set = conf_settings(&text);
+    let get = |k: &str| set.get(k).map(String::as_str).unwrap_or("");
+    let suid_starter = starters
+        .iter()
+        .find(|p| fs::metadata(p).is_ok_and(|m| m.uid() == 0 && m.mode() & 0o4000 != 0));
+    let setuid = get("allow setuid").eq_ignore_ascii_case("yes") && suid_starter.is_some();
+    f.note(format!(
+        "{conf}: setuid mode {} (allow setuid = {}, setuid starter {}){}",
+        if setuid { "on" } else { "off" },
+        if get("allow setuid").is_empty() {
+            "unset"
+        } else {
+            get("allow setuid")
+        },
+        suid_starter.map_or("absent".to_string(), |p| p.to_string()),
+        if setuid {
+            ""
+        } else {
+            ": the settings below are not enforced, users run any image and bind by hand"
+        }
+    ));
+    for (key, want) in [
+        ("limit container paths", "the registry root"),
+        ("limit container owners", "root"),
+        ("user bind control", "no"),
+    ] {
+        let v = get(key);
+        let v = if v.is_empty() || v.eq_ignore_ascii_case("null") {
+            "unset"
+        } else {
+            v
+        };
+        f.note(format!("{conf}: {key} = {v} (for a boundary: {want})"));
+    }
+    let activated = fs::read_to_string(ecl)
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .and_then(|t| t.get("activated").and_then(toml::Value::as_bool))
+        .unwrap_or(false);
+    f.note(format!(
+        "{ecl}: execution control list {} (signed images only: activate it)",
+        if activated {
+            "activated"
+        } else {
+            "not activated"
+        }
+    ));
+}
+
+/// The plugin's own outputs: report dir and metrics log owned by root and
+/// closed to writes by others; the catalog lock root's alone.
+fn outputs(f: &mut Findings, cfg: &SiteConfig) {
+    let dir = cfg.failure.report_dir.as_path();
+    match fs::symlink_metadata(dir) {
+        Ok(m) if m.file_type().is_dir() && m.uid() == 0 && m.mode() & 0o022 == 0 => {
+            f.ok(format!("report dir {}", dir.display()))
+        }
+        Ok(m) => f.problem(
+            format!(
+                "report dir {} is not a root-owned directory closed to others (uid {}, mode {:o})",
+                dir.display(),
+                m.uid(),
+                m.mode() & 0o7777
+            ),
+            "chown root and chmod 0755 it",
+        ),
+        Err(_) => f.ok(format!(
+            "report dir {} (made by the first failure)",
+            dir.display()
+        )),
+    }
+    let lock = cfg.registry.root.as_path().join(".registry/catalog.lock");
+    if let Ok(m) = fs::symlink_metadata(&lock) {
+        if !m.file_type().is_file() || m.mode() & 0o077 != 0 {
+            f.problem(
+                format!(
+                    "{} can be opened by others (mode {:o}): any user could hold the catalog lock",
+                    lock.display(),
+                    m.mode() & 0o7777
+                ),
+                "chmod 0600 it (any ml-container add/remove does)",
+            );
+        }
+    }
+}
+
 fn finish(f: Findings) -> ExitCode {
     if f.problems > 0 {
         println!("{} problem(s) found", f.problems);
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apptainer_conf_lines() {
+        let s = conf_settings(
+            "# allow setuid = no\nallow setuid = yes\nlimit container paths = /opt/containers\n\
+             User Bind Control = no\nbind path = /etc/hosts\n",
+        );
+        assert_eq!(s["allow setuid"], "yes");
+        assert_eq!(s["limit container paths"], "/opt/containers");
+        assert_eq!(s["user bind control"], "no");
+        assert!(!s.contains_key("limit container owners"));
     }
 }

@@ -26,6 +26,8 @@ commands:
   verify IMAGE | --all     check structure, size and sha256
   doctor                   check config, runtime, plugstack, Slurm, registry
   diagnose JOBID           show the failure reports of a job
+  prune [--older-than DAYS] [--dry-run]
+                           remove failure reports older than DAYS (30) days
   env [--task N]           print, as export lines, the distributed environment
                            the plugin sets, from the SLURM_* variables here
   config                   check the site config and print it as loaded
@@ -49,6 +51,7 @@ fn command_help(cmd: &str) -> Option<&'static str> {
         "verify" => "usage: ml-container verify IMAGE | --all [--config PATH]\n\nCheck structure, size and sha256 of catalog images; exit 1 naming each failure.",
         "doctor" => "usage: ml-container doctor [--config PATH]\n\nCheck the config, the runtime, the plugstack line and plugin, the running\nSlurm against the build, registry modes and catalog entries; one line per\nfinding with its fix; exit 1 if any problem.",
         "diagnose" => "usage: ml-container diagnose JOBID [--config PATH]\n\nShow the failure reports the plugin wrote for a job.",
+        "prune" => "usage: ml-container prune [--older-than DAYS] [--dry-run] [--config PATH]\n\nRemove the job directories under the report dir (failure.report_dir) that\nhave not changed for DAYS days (default 30), including those moved aside\nwhen a job id was reused. --dry-run only lists them. Needs root.",
         "env" => "usage: ml-container env [--task N] [--config PATH]\n\nPrint, as export lines, the distributed environment the plugin sets, from\nthe SLURM_* variables here (with --task N: for task N, block distribution).",
         "config" => "usage: ml-container config [--config PATH]\n\nCheck the site config and print it as the plugin loads it.",
         "build" => "usage: ml-container build RECIPE --name N --tag T [--set KEY=VALUE]... [--default]\n       [--copy-to DIR] [--recipes DIR] [--dry-run] [--config PATH]\n\nRender RECIPE (a name from 'ml-container recipes', or a path to a .def\ntemplate) with its defaults and the --set values, run 'apptainer build' on\nit (killed after container_build_timeout seconds), then add the image to\nthe catalog with its size and sha256 as <root>/DIR/<name>-<tag>.sif (DIR:\nml-frameworks). A failed build adds nothing. --dry-run prints the rendered\ndefinition.",
@@ -175,6 +178,7 @@ fn main() -> ExitCode {
         "config" => config(&cfg),
         "env" => env(&cfg, &mut args),
         "diagnose" => diagnose(&cfg, &mut args),
+        "prune" => prune(&cfg, &mut args),
         "build" => return build::build(&cfg, &mut args),
         "recipes" => build::recipes(&mut args),
         other => {
@@ -229,13 +233,27 @@ fn diagnose(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
     let dir = cfg.failure.report_dir.as_path();
     match report::read_job(dir, job) {
         Ok(reports) if !reports.is_empty() => {
+            // Only what this user may read is shown; a report that exists
+            // but is another user's is not an answer (exit 1).
+            let mut shown = 0;
             for (path, r) in reports {
                 match r {
-                    Ok(r) => print!("{}", report::render(&r)),
+                    Ok(r) => {
+                        shown += 1;
+                        print!("{}", report::render(&r));
+                    }
                     Err(e) => println!("{}: unreadable report: {e}", path.display()),
                 }
             }
-            ExitCode::SUCCESS
+            if shown > 0 {
+                ExitCode::SUCCESS
+            } else {
+                fail(&format!(
+                    "none of job {job}'s failure reports in {} is readable for you: a report \
+                     is readable by the job's user and root only",
+                    dir.display()
+                ))
+            }
         }
         Ok(_) => fail(&format!(
             "no failure reports for job {job} in {}",
@@ -245,5 +263,38 @@ fn diagnose(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
             "no failure reports for job {job} in {} ({e})",
             dir.display()
         )),
+    }
+}
+
+/// `prune [--older-than DAYS] [--dry-run]`: removes the job directories
+/// (and those moved aside for a reused job id) under the report dir that
+/// have not changed for DAYS days (default 30). Never follows a symlink.
+fn prune(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
+    let days = match args.value("--older-than").map(|d| d.parse::<u64>()) {
+        None => 30,
+        Some(Ok(d)) => d,
+        Some(Err(_)) => return usage("ml-container prune [--older-than DAYS] [--dry-run]"),
+    };
+    let dry = args.flag("--dry-run");
+    let dir = cfg.failure.report_dir.as_path();
+    match report::prune(dir, std::time::Duration::from_secs(days * 86400), dry) {
+        Ok(removed) => {
+            for p in &removed {
+                println!(
+                    "{} {}",
+                    if dry { "would remove" } else { "removed" },
+                    p.display()
+                );
+            }
+            println!(
+                "{} job director{} older than {days} day(s) {} under {}",
+                removed.len(),
+                if removed.len() == 1 { "y" } else { "ies" },
+                if dry { "to remove" } else { "removed" },
+                dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&format!("cannot prune {}: {e}", dir.display())),
     }
 }

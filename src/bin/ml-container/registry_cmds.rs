@@ -183,9 +183,20 @@ pub fn add(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
     if let Some(bad) = args.leftover() {
         return fail(&format!("unexpected argument '{bad}'; usage: {U}"));
     }
-    if !catalog::valid_name(&name) || !catalog::valid_tag(&tag) {
+    if !catalog::valid_name(&name) {
         return fail(&format!(
-            "'{name}:{tag}' is not a valid name:tag (lowercase name, tag of letters, digits, . _ -)"
+            "'{}' is not a valid image name (lowercase letters, digits, '.', '_', '-', '/', \
+             starting with a letter or digit): pass another --name, e.g. '{}'",
+            name.escape_default(),
+            suggest_name(&name)
+        ));
+    }
+    if !catalog::valid_tag(&tag) {
+        return fail(&format!(
+            "'{}' is not a valid tag ({}): pass another --tag, e.g. '{}'",
+            tag.escape_default(),
+            catalog::TAG_RULE,
+            suggest_tag(&tag)
         ));
     }
     let src = PathBuf::from(&file);
@@ -341,6 +352,48 @@ fn entry_json(im: &Image) -> serde_json::Value {
     })
 }
 
+/// `name` with what a name may not hold replaced: a suggestion for the
+/// "not a valid image name" message.
+fn suggest_name(name: &str) -> String {
+    let s: String = name
+        .to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let s = s.trim_start_matches(['.', '_', '-']);
+    if s.is_empty() {
+        "image".to_string()
+    } else {
+        s.chars().take(128).collect()
+    }
+}
+
+/// `tag` with what a tag may not hold replaced by '-'.
+fn suggest_tag(tag: &str) -> String {
+    let s: String = tag
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let s = s.trim_start_matches(['.', '-', '+']);
+    if s.is_empty() {
+        "latest".to_string()
+    } else {
+        s.chars().take(128).collect()
+    }
+}
+
 /// `list [--json]`
 pub fn list(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
     let json = args.flag("--json");
@@ -371,8 +424,19 @@ pub fn list(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
             im.path.display()
         );
     }
-    for n in reg.scanned_names() {
-        if !images.iter().any(|i| i.name == n) {
+    // A file the catalog names (as `add --copy-to` stores it) is listed
+    // once, as the catalog's entry: only files the catalog does not know
+    // are scan results.
+    let catalogued: Vec<PathBuf> = images
+        .iter()
+        .map(|i| {
+            let p = reg.root().join(&i.path);
+            fs::canonicalize(&p).unwrap_or(p)
+        })
+        .collect();
+    for (n, path) in reg.scanned() {
+        let real = fs::canonicalize(&path).unwrap_or(path);
+        if !catalogued.contains(&real) && !images.iter().any(|i| i.name == n) {
             println!("{n:<24} {:<16} {:>3} {:>12}  (found by scan)", "-", "", "-");
         }
     }
