@@ -244,7 +244,7 @@ pub fn master_addr(node_list: &str, kind: AddrKind) -> Result<String, DistError>
 }
 
 /// The variables for one task, in order: the contract, then `[nccl]`, then
-/// `[env]`. Values the user already has are left out by [`apply`].
+/// `[env]`. Values the user already has are left out by [`to_set`].
 pub fn contract(cfg: &SiteConfig, f: &TaskFacts) -> Result<Vec<(String, String)>, DistError> {
     let mut vars = vec![
         (

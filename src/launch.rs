@@ -276,13 +276,13 @@ impl Plan {
     }
 }
 
-/// Every containerized task's argv[0] becomes `ml-container-launch`, which
+/// Every containerized task's `argv[0]` becomes `ml-container-launch`, which
 /// finds here what to run (see that program's doc for why a process of our
 /// own stays between slurmstepd and the runtime).
 pub const LAUNCH_ENV: &str = "ML_CONTAINER_LAUNCH";
 
 /// What `ml-container-launch` runs: `prefix`, then `command` (the task's
-/// argv[0], looked up in the image when it is a bare name), then its own
+/// `argv[0]`, looked up in the image when it is a bare name), then its own
 /// arguments (the task's argv[1..]).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LaunchSpec {
@@ -403,7 +403,7 @@ pub fn typed_command(srun_argv: &[String], task_argv: &[String]) -> Option<Strin
         .and_then(|p| srun_argv.get(p).cloned())
 }
 
-/// What to run as the task's argv[0] inside the container: a command the
+/// What to run as the task's `argv[0]` inside the container: a command the
 /// user typed as a bare name (`python`) is looked up in the image's PATH,
 /// not at the host path srun resolved it to (srun(1), "EXECUTABLE PATH
 /// RESOLUTION"; USERS.md #7). A path the user typed stays.

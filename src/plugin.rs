@@ -86,7 +86,7 @@ pub trait Host {
     fn set_job_env(&mut self, name: &str, value: &str) -> Result<(), HostError>;
     /// The task's argv (task context).
     fn job_argv(&self) -> Option<Vec<String>>;
-    /// Replaces the task's argv[0] in place (task context).
+    /// Replaces the task's `argv[0]` in place (task context).
     fn set_argv0(&mut self, value: &str) -> Result<(), HostError>;
     /// In task_exit: the task's wait(2) status, global and local ids.
     fn task_exit_status(&self) -> Option<i32>;

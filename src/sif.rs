@@ -30,7 +30,7 @@ pub const HEADER_LEN: u64 = 128;
 /// Size of one descriptor (descriptor.go `rawDescriptor`): int32 datatype,
 /// bool used, three uint32 ids, seven int64 (offset, size, size with padding,
 /// ctime, mtime, and the deprecated but still present uid and gid), name
-/// [128]byte, extra [384]byte = 4+1+12+56+128+384.
+/// `[128]byte`, extra `[384]byte` = 4+1+12+56+128+384.
 pub const DESCRIPTOR_LEN: u64 = 585;
 /// Apptainer creates 48 descriptors; no tool creates thousands. Capping the
 /// count bounds the work hostile input can ask for.

@@ -1,7 +1,7 @@
 //! `ml-container-launch`: the process between slurmstepd and the container
 //! runtime in every containerized task.
 //!
-//! The plugin makes this the task's argv[0] and leaves the runtime prefix
+//! The plugin makes this the task's `argv[0]` and leaves the runtime prefix
 //! and the real command in ML_CONTAINER_LAUNCH; the task's other arguments
 //! arrive as ours. Running here, after slurmstepd's own exec, keeps
 //! TaskProlog, TMPDIR, rlimits and cgroup placement intact (nothing is
