@@ -9,6 +9,7 @@
 //! - the admin CLI, `ml-container` (src/bin).
 
 pub mod catalog;
+pub mod catalog_index;
 pub mod catalog_write;
 pub mod config;
 pub mod distenv;

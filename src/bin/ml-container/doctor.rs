@@ -178,6 +178,12 @@ pub fn doctor(cfg: &SiteConfig, config_path: &Path) -> ExitCode {
                 }
             }
             f.ok(format!("{} catalog entries checked", images.len()));
+            // Speed, not correctness: without a current index every srun
+            // and every node parse the whole catalog.
+            match slurm_ml_container::catalog_index::status(reg.root(), &[0]) {
+                Ok(()) => f.ok("catalog index current".into()),
+                Err(e) => f.note(e.to_string()),
+            }
         }
         Err(e) => f.problem(e, "fix the catalog"),
     }

@@ -20,6 +20,7 @@ commands:
       [--label K=V]... [--copy-to DIR]
                            validate, hash and add an image to the catalog
   remove NAME:TAG          remove a catalog entry (the file stays)
+  reindex                  check the catalog and rewrite its index (after a hand edit)
   list [--json]            the images users can name
   show IMAGE               what --ml-container=IMAGE resolves to
   verify IMAGE | --all     check structure, size and sha256
@@ -41,6 +42,7 @@ fn command_help(cmd: &str) -> Option<&'static str> {
     Some(match cmd {
         "init" => "usage: ml-container init [--config PATH]\n\nCreate the registry root and ml-frameworks/, custom-images/, base-images/,\n.registry/ (root:slurm, 0755) and an empty catalog if there is none.",
         "add" => "usage: ml-container add FILE --name N --tag T [--default] [--alias A]...\n       [--description D] [--label K=V]... [--copy-to DIR] [--config PATH]\n\nCheck FILE is a sound SIF (or squashfs) image, record its size and sha256,\nand add it to the catalog under a lock (atomic rewrite). FILE must be inside\nthe registry, or --copy-to DIR copies it to <root>/DIR/<name>-<tag>.sif.\n--default makes it what a bare NAME means.",
+        "reindex" => "usage: ml-container reindex [--config PATH]\n\nCheck the catalog strictly and rewrite .registry/catalog.idx, the index srun\nand the nodes resolve names with (add and remove keep it current; after a\nhand edit of the catalog it is stale and resolution parses the whole catalog).",
         "remove" => "usage: ml-container remove NAME:TAG [--config PATH]\n\nRemove a catalog entry (atomic rewrite). The image file stays.",
         "list" => "usage: ml-container list [--json] [--config PATH]\n\nThe catalog's images and the <name>.sif files the scan finds.",
         "show" => "usage: ml-container show IMAGE [--config PATH]\n\nWhat --ml-container=IMAGE resolves to, and its catalog entry.",
@@ -165,6 +167,7 @@ fn main() -> ExitCode {
         "init" => registry_cmds::init(&cfg),
         "add" => return registry_cmds::add(&cfg, &mut args),
         "remove" => registry_cmds::remove(&cfg, &mut args),
+        "reindex" => registry_cmds::reindex(&cfg),
         "list" => registry_cmds::list(&cfg, &mut args),
         "show" => registry_cmds::show(&cfg, &mut args),
         "verify" => registry_cmds::verify(&cfg, &mut args),
