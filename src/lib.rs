@@ -17,6 +17,7 @@ pub mod hostlist;
 pub mod integrity;
 pub mod jobtext;
 pub mod launch;
+pub mod node_cache;
 pub mod options;
 pub mod plugin;
 pub mod probe;
