@@ -593,3 +593,97 @@ fn a_hand_edited_catalog_is_read_not_its_stale_index() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("catalog.toml:"), "{}", text(&o));
 }
+
+/// Issue 15: this node's cache through the CLI: fill copies once (then
+/// says it is there), list and check show it, a changed copy is flagged
+/// and pruned, an image without sha256 is never cached.
+#[test]
+fn cache_fill_list_check_prune_on_a_node() {
+    let e = env("cache", "");
+    let cache_dir = e.dir.join("node-cache/%n");
+    fs::write(
+        &e.config,
+        format!(
+            "[registry]\nroot = \"{}/containers\"\nnode_cache = \"{}\"\nnode_cache_max = \"64M\"\n",
+            e.dir.display(),
+            cache_dir.display()
+        ),
+    )
+    .unwrap();
+    assert!(cli(&e, &["init"]).status.success());
+    let frameworks = root(&e).join("ml-frameworks");
+    sif_file(&frameworks.join("a.sif"));
+    let o = cli(
+        &e,
+        &[
+            "add",
+            frameworks.join("a.sif").to_str().unwrap(),
+            "--name",
+            "a",
+            "--tag",
+            "1",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+    let host = host.split('.').next().unwrap().to_string();
+    let o = cli(&e, &["cache", "check", "a"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("{host}: a:1: in registry only")),
+        "{}",
+        text(&o)
+    );
+    let o = cli(&e, &["cache", "fill", "a:1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("copied to") && text(&o).contains("sha256 ok"),
+        "{}",
+        text(&o)
+    );
+    let o = cli(&e, &["cache", "fill", "a"]);
+    assert!(text(&o).contains("already cached"), "{}", text(&o));
+    let sum = integrity::sha256_file(&frameworks.join("a.sif")).unwrap();
+    let copy = e.dir.join(format!("node-cache/{host}/images/{sum}.sif"));
+    assert_eq!(
+        fs::read(&copy).unwrap(),
+        fs::read(frameworks.join("a.sif")).unwrap()
+    );
+    let o = cli(&e, &["cache", "list"]);
+    assert!(text(&o).contains("1 images"), "{}", text(&o));
+    assert!(text(&o).contains(" idle   ok      a:1"), "{}", text(&o));
+    let o = cli(&e, &["cache", "check", "--all"]);
+    assert!(
+        text(&o).contains("in cache") && text(&o).contains("sha256 ok"),
+        "{}",
+        text(&o)
+    );
+    // Changed behind the cache's back: flagged, and prune removes it.
+    let f = fs::OpenOptions::new().write(true).open(&copy).unwrap();
+    f.write_all_at(b"x", 4096).unwrap();
+    drop(f);
+    let o = cli(&e, &["cache", "check", "a"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("CHANGED"), "{}", text(&o));
+    let o = cli(&e, &["cache", "prune"]);
+    assert!(text(&o).contains("1 removed, 0 kept"), "{}", text(&o));
+    assert!(!copy.exists());
+    // No sha256 in the catalog: not cached, and said so.
+    sif_file(&frameworks.join("b.sif"));
+    let cat = root(&e).join(".registry/catalog.toml");
+    let mut t = fs::read_to_string(&cat).unwrap();
+    t.push_str("\n[[image]]\nname = \"b\"\ntag = \"1\"\npath = \"ml-frameworks/b.sif\"\n");
+    fs::write(&cat, t).unwrap();
+    let o = cli(&e, &["cache", "fill", "b"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("no sha256"), "{}", text(&o));
+    // Off: a clear error naming the key.
+    let e2 = env("cache-off", "");
+    let o = cli(&e2, &["cache", "list"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("registry.node_cache is not set"),
+        "{}",
+        text(&o)
+    );
+}

@@ -2,6 +2,7 @@
 //! 1 problem found, 2 usage.
 #![forbid(unsafe_code)]
 
+mod cache_cmds;
 mod doctor;
 mod registry_cmds;
 
@@ -24,6 +25,13 @@ commands:
   list [--json]            the images users can name
   show IMAGE               what --ml-container=IMAGE resolves to
   verify IMAGE | --all     check structure, size and sha256
+  verify --nodes HOSTLIST IMAGE | --all
+                           on every node (through srun): in its cache or only in
+                           the registry, size, sha256 ok, age; one line per node
+  stage IMAGE --nodes HOSTLIST [--srun-arg ARG]...
+                           fill the node caches (registry.node_cache) through srun
+  cache list | prune [--all] | fill IMAGE | check IMAGE|--all
+                           this node's image cache
   doctor                   check config, runtime, plugstack, Slurm, registry
   diagnose JOBID           show the failure reports of a job
   prune [--older-than DAYS] [--dry-run]
@@ -46,7 +54,9 @@ fn command_help(cmd: &str) -> Option<&'static str> {
         "remove" => "usage: ml-container remove NAME:TAG [--config PATH]\n\nRemove a catalog entry (atomic rewrite). The image file stays.",
         "list" => "usage: ml-container list [--json] [--config PATH]\n\nThe catalog's images and the <name>.sif files the scan finds.",
         "show" => "usage: ml-container show IMAGE [--config PATH]\n\nWhat --ml-container=IMAGE resolves to, and its catalog entry.",
-        "verify" => "usage: ml-container verify IMAGE | --all [--config PATH]\n\nCheck structure, size and sha256 of catalog images; exit 1 naming each failure.",
+        "verify" => "usage: ml-container verify IMAGE | --all [--config PATH]\n       ml-container verify --nodes HOSTLIST IMAGE | --all [--srun-arg ARG]... [--config PATH]\n\nCheck structure, size and sha256 of catalog images; exit 1 naming each failure.\nWith --nodes: on each node, through srun (one task per node), one line per\nnode and image: in its cache (size, sha256 ok, last use) or only in the\nregistry (size); exit 1 when a node fails or holds a changed copy.",
+        "stage" => "usage: ml-container stage IMAGE --nodes HOSTLIST [--srun-arg ARG]... [--config PATH]\n\nFill the node caches (registry.node_cache) ahead of a big job: runs\n'ml-container cache fill IMAGE' once on every node through srun (as root:\nthe cache is root's; run it with sudo). Each node resolves IMAGE from its\nown catalog read, copies it hashing on the way and checks the catalog's\nsha256. --srun-arg passes options to srun (--partition=P, --reservation=R).",
+        "cache" => "usage: ml-container cache list | prune [--all] | fill IMAGE | check IMAGE|--all [--config PATH]\n\nThis node's image cache (registry.node_cache): list its images (size,\nlast use, in use by a step, unchanged since hashed); prune removes those\nno step uses that changed or left the catalog (--all: every one not in\nuse); fill copies IMAGE in (as root); check prints one line per image.",
         "doctor" => "usage: ml-container doctor [--config PATH]\n\nCheck the config, the runtime, the plugstack line and plugin, the running\nSlurm against the build, registry modes and catalog entries; one line per\nfinding with its fix; exit 1 if any problem.",
         "diagnose" => "usage: ml-container diagnose JOBID [--config PATH]\n\nShow the failure reports the plugin wrote for a job.",
         "prune" => "usage: ml-container prune [--older-than DAYS] [--dry-run] [--config PATH]\n\nRemove the job directories under the report dir (failure.report_dir) that\nhave not changed for DAYS days (default 30), including those moved aside\nwhen a job id was reused. --dry-run only lists them. Needs root.",
@@ -170,7 +180,16 @@ fn main() -> ExitCode {
         "reindex" => registry_cmds::reindex(&cfg),
         "list" => registry_cmds::list(&cfg, &mut args),
         "show" => registry_cmds::show(&cfg, &mut args),
-        "verify" => registry_cmds::verify(&cfg, &mut args),
+        "verify" => match args.value("--nodes") {
+            Some(nodes) => cache_cmds::verify_nodes(
+                config_arg.as_deref().map(std::path::Path::new),
+                &nodes,
+                &mut args,
+            ),
+            None => registry_cmds::verify(&cfg, &mut args),
+        },
+        "stage" => cache_cmds::stage(config_arg.as_deref().map(std::path::Path::new), &mut args),
+        "cache" => cache_cmds::cache(&cfg, &mut args),
         "doctor" => doctor::doctor(&cfg, &cfg_path),
         "config" => config(&cfg),
         "env" => env(&cfg, &mut args),
