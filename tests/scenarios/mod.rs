@@ -8,6 +8,7 @@ pub mod package;
 pub mod registry;
 pub mod releases;
 pub mod rough_edges;
+pub mod scale;
 pub mod security;
 pub mod security_outputs;
 
