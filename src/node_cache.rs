@@ -60,14 +60,33 @@ const CHUNK: usize = 8 << 20;
 
 #[derive(Debug)]
 pub enum CacheError {
-    Io { path: PathBuf, source: io::Error },
+    Io {
+        path: PathBuf,
+        source: io::Error,
+    },
     NoChecksum,
-    TooLarge { size: u64, max: u64 },
-    NoRoom { size: u64, max: u64 },
-    Mismatch { expected: String, actual: String },
-    Busy { waited: Duration },
+    /// The registry's file is not readable by everyone.
+    NotPublic,
+    TooLarge {
+        size: u64,
+        max: u64,
+    },
+    NoRoom {
+        size: u64,
+        max: u64,
+    },
+    Mismatch {
+        expected: String,
+        actual: String,
+    },
+    Busy {
+        waited: Duration,
+    },
     Cancelled,
-    Untrusted { path: PathBuf, reason: String },
+    Untrusted {
+        path: PathBuf,
+        reason: String,
+    },
 }
 
 impl fmt::Display for CacheError {
@@ -77,6 +96,11 @@ impl fmt::Display for CacheError {
             CacheError::NoChecksum => write!(
                 f,
                 "the catalog has no sha256 for it (ml-container add records one)"
+            ),
+            CacheError::NotPublic => write!(
+                f,
+                "the registry's file is not readable by everyone, and a cached copy would be \
+                 (chmod o+r it to cache it)"
             ),
             CacheError::TooLarge { size, max } => write!(
                 f,
@@ -250,6 +274,15 @@ impl Cache {
         if !crate::registry::is_sha256_hex(sha) || !matches!(suffix, ".sif" | ".sqfs") {
             return Err(CacheError::NoChecksum);
         }
+        // A copy is world-readable: an image only some may read (a
+        // licensed one, mode 0640) stays in the registry, behind its mode.
+        let public = src
+            .metadata()
+            .map(|m| m.mode() & 0o004 != 0)
+            .unwrap_or(false);
+        if !public {
+            return Err(CacheError::NotPublic);
+        }
         if size > self.max {
             return Err(CacheError::TooLarge {
                 size,
@@ -284,7 +317,7 @@ impl Cache {
         };
         // Down to shared: the lease. (Not atomic in Linux; an evictor that
         // slips in between finds the entry and may take it: look again.)
-        lock.lock_shared().map_err(io_at(&path))?;
+        wait_lock(&lock, false, Instant::now(), cancelled)?;
         if !self.valid(sha, suffix, size) {
             return Err(CacheError::Io {
                 path,
@@ -548,6 +581,7 @@ mod tests {
         let p = dir.join(name);
         let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed)).collect();
         fs::write(&p, &data).unwrap();
+        fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
         let sum = hex(&Sha256::digest(&data));
         (p, sum)
     }
@@ -612,6 +646,20 @@ mod tests {
             cache.provide(None, 3 << 20, ".sif", &f, &never),
             Err(CacheError::NoChecksum)
         ));
+        // Readable only by some: never copied to a world-readable cache.
+        let (secret, ssum) = image(&d.0, "s.sif", 1 << 20, 11);
+        fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+        assert!(matches!(
+            cache.provide(
+                Some(&ssum),
+                1 << 20,
+                ".sif",
+                &File::open(&secret).unwrap(),
+                &never
+            ),
+            Err(CacheError::NotPublic)
+        ));
+        assert!(!cache.entry_path(&ssum, ".sif").exists());
     }
 
     /// Many steps at once: exactly one copy, every one gets the image.
