@@ -1,4 +1,5 @@
-//! Issue 15 (at scale) acceptance, node-local image cache: Slurm 24.11 with
+//! Issue 15 (at scale) acceptance, the catalog index in srun and on the
+//! nodes, and the node-local image cache: Slurm 24.11 with
 //! Apptainer, 2 nodes, jobs as `mluser`. The test nodes share one file
 //! system, so the cache key says `%n`: each node gets its own directory,
 //! as node-local disks would. Copies are counted from the plugin's own
@@ -16,6 +17,7 @@ crate::on_slurm_24_11!(
     eviction_keeps_the_cap_and_spares_images_in_use,
     a_read_only_or_full_cache_falls_back_to_the_registry,
     stage_and_verify_nodes_fill_and_check_every_node,
+    srun_and_nodes_resolve_through_the_index_until_the_catalog_changes,
 );
 
 const CATALOG: &str = "/opt/containers/.registry/catalog.toml";
@@ -377,4 +379,62 @@ fn stage_and_verify_nodes_fill_and_check_every_node() {
         r.stdout.contains("n2: alpha:1: in cache") && r.stdout.contains("CHANGED"),
         "{r}"
     );
+}
+
+/// The catalog index in srun and on the nodes: an index that (for this
+/// test only, written by root) says alpha means a2 while the catalog says
+/// a1 proves both read the index, not the catalog; a touch of the catalog
+/// then makes it stale, and everybody reads the catalog again.
+fn srun_and_nodes_resolve_through_the_index_until_the_catalog_changes() {
+    use slurm_ml_container::catalog::Catalog;
+    use slurm_ml_container::catalog_index::{self, Identity};
+    let img = images(&["a1", "a2"]);
+    let (s1, s2) = (
+        sha256_file(&img["a1"]).unwrap(),
+        sha256_file(&img["a2"]).unwrap(),
+    );
+    let truth = format!(
+        "version = 1\n{}{}",
+        entry("alpha", "1", "a1.sif", &s1),
+        entry("beta", "2", "a2.sif", &s2)
+    );
+    let c = Cluster::start_with(
+        Slurm::V24_11,
+        Options::default()
+            .copy(&img["a1"], "/opt/containers/ml-frameworks/a1.sif")
+            .copy(&img["a2"], "/opt/containers/ml-frameworks/a2.sif")
+            .file(CATALOG, &truth),
+    );
+    let run = || {
+        markers(
+            &c,
+            &["-N2", "-n2", "--ml-container=alpha", "/bin/cat", "/MARKER"],
+        )
+    };
+    assert_eq!(run(), ["a1", "a1"]);
+    // The CLI indexes the catalog; the answer is the same.
+    let r = c.run_root(1, &["ml-container", "reindex"]);
+    assert!(
+        r.assert_ok().stdout.contains("indexed 2 catalog entries"),
+        "{r}"
+    );
+    assert_eq!(run(), ["a1", "a1"]);
+    // An index for this very catalog file that says otherwise.
+    let lie = Catalog::parse(
+        std::path::Path::new("lie"),
+        &truth.replace("ml-frameworks/a1.sif", "ml-frameworks/a2.sif"),
+    )
+    .unwrap();
+    let id = Identity::of(&fs::metadata(c.path(CATALOG)).unwrap());
+    let text = catalog_index::render(&lie, &id).unwrap();
+    let index = c.path(&format!("/opt/containers/{}", catalog_index::INDEX_PATH));
+    fs::write(&index, text).unwrap();
+    assert_eq!(
+        run(),
+        ["a2", "a2"],
+        "srun and the nodes did not use the index"
+    );
+    // Any change to the catalog (here only its times) makes it stale.
+    c.run_root(1, &["touch", CATALOG]).assert_ok();
+    assert_eq!(run(), ["a1", "a1"], "a stale index was believed");
 }
