@@ -649,6 +649,15 @@ fn cache_fill_list_check_prune_on_a_node() {
         fs::read(&copy).unwrap(),
         fs::read(frameworks.join("a.sif")).unwrap()
     );
+    let o = cli(&e, &["doctor"]);
+    assert!(
+        text(&o).contains(&format!(
+            "ok      node cache {}",
+            e.dir.join("node-cache").join(&host).display()
+        )),
+        "{}",
+        text(&o)
+    );
     let o = cli(&e, &["cache", "list"]);
     assert!(text(&o).contains("1 images"), "{}", text(&o));
     assert!(text(&o).contains(" idle   ok      a:1"), "{}", text(&o));
