@@ -1,7 +1,8 @@
 //! Registry benchmarks (issue 3), printed side by side in one run:
 //!
-//! - resolution (open the registry, parse and check the catalog, resolve a
-//!   name) with catalogs of 10, 1,000 and 10,000 images;
+//! - resolution (open the registry, resolve a name) with catalogs of 10,
+//!   1,000 and 10,000 images, parsing the catalog against looking the name
+//!   up in the catalog index (issue 15), in srun and on a pinned node;
 //! - the `quick` integrity check of a 1 MB and a 5 GB (sparse) SIF;
 //! - sha256 throughput of `integrity::sha256_file` against `sha256sum` on
 //!   the same file.
@@ -18,6 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use slurm_ml_container::catalog::Catalog;
+use slurm_ml_container::catalog_index;
 use slurm_ml_container::config::{AbsPath, RegistryConfig};
 use slurm_ml_container::integrity;
 use slurm_ml_container::registry::Registry;
@@ -56,7 +59,10 @@ fn registry_with(dir: &Path, n: usize) -> RegistryConfig {
             i
         ));
     }
-    fs::write(root.join(".registry/catalog.toml"), text).unwrap();
+    fs::write(root.join(".registry/catalog.toml"), &text).unwrap();
+    // The index, as `ml-container add` writes it beside the catalog.
+    let parsed = Catalog::parse(Path::new("catalog.toml"), &text).unwrap();
+    catalog_index::write(&root, &parsed, &text).unwrap();
     fs::write(root.join(format!("ml-frameworks/image{}.sif", n / 2)), b"x").unwrap();
     for d in [&root, &root.join(".registry")] {
         fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
@@ -71,31 +77,47 @@ fn registry_with(dir: &Path, n: usize) -> RegistryConfig {
 fn main() {
     let dir = scratch();
 
-    println!("== resolution in srun: open registry + parse catalog + resolve one name");
+    println!("== resolution in srun: open registry + resolve one name (bare name, the default)");
     println!("== and on a node given srun's pin: resolve again from its own catalog + confirm");
+    println!("== parse: the whole catalog parsed (no index, or a stale one);");
     println!(
-        "{:>10}  {:>12}  {:>14}  {:>14}",
-        "images", "srun", "per image", "pinned node"
+        "== index: .registry/catalog.idx checked against the catalog's identity, then looked up"
+    );
+    println!(
+        "{:>10}  {:>12}  {:>12}  {:>14}  {:>14}",
+        "images", "srun parse", "srun index", "node parse", "node index"
     );
     for n in [10usize, 1_000, 10_000] {
         let cfg = registry_with(&dir, n);
         let want = format!("image{}", n / 2);
         let runs = if n >= 10_000 { 5 } else { 20 };
-        let t = median(runs, || {
-            let reg = Registry::open(&cfg).unwrap();
+        let fast_runs = 200;
+        let parse = median(runs, || {
+            let reg = Registry::open(&cfg).unwrap().without_index();
             black_box(reg.resolve(&want).unwrap());
         });
+        let index = median(fast_runs, || {
+            let reg = Registry::open(&cfg).unwrap();
+            black_box(reg.resolve(&want).unwrap());
+            assert_eq!(reg.index_hits(), 1, "the index did not answer");
+        });
         let pin = Registry::open(&cfg).unwrap().resolve(&want).unwrap();
-        let node = median(runs, || {
+        let node_parse = median(runs, || {
+            let reg = Registry::open(&cfg).unwrap().without_index();
+            let mine = reg.resolve(&want).unwrap();
+            mine.confirms(black_box(&pin)).unwrap();
+        });
+        let node_index = median(fast_runs, || {
             let reg = Registry::open(&cfg).unwrap();
             let mine = reg.resolve(&want).unwrap();
             mine.confirms(black_box(&pin)).unwrap();
         });
         println!(
-            "{n:>10}  {:>10.3}ms  {:>12.2}us  {:>12.3}ms",
-            ms(t),
-            t.as_secs_f64() * 1e6 / n as f64,
-            ms(node)
+            "{n:>10}  {:>10.3}ms  {:>10.3}ms  {:>12.3}ms  {:>12.3}ms",
+            ms(parse),
+            ms(index),
+            ms(node_parse),
+            ms(node_index)
         );
     }
 

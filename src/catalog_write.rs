@@ -47,6 +47,12 @@ pub enum WriteError {
         waited: Duration,
         holders: String,
     },
+    /// The catalog was written but its index could not be (none is left:
+    /// resolution parses the catalog until the next write).
+    Index {
+        path: PathBuf,
+        source: io::Error,
+    },
     /// The lock file is not a regular file of the writer's.
     LockFile {
         path: PathBuf,
@@ -78,6 +84,12 @@ impl fmt::Display for WriteError {
                  retry, or stop it if it hangs",
                 path.display(),
                 waited.as_secs()
+            ),
+            WriteError::Index { path, source } => write!(
+                f,
+                "the catalog was written, but not its index {} ({source}): resolution parses \
+                 the whole catalog until 'ml-container reindex' (or the next add/remove) succeeds",
+                path.display()
             ),
             WriteError::LockFile { path, reason } => write!(
                 f,
@@ -374,7 +386,44 @@ impl Locked {
         }
         crate::secure::replace_file(&self.path, text.as_bytes(), 0o644, None)
             .map_err(io_err(&self.path))?;
+        // Still under the lock: the index for exactly this catalog. A
+        // failure leaves no index (resolution then parses the catalog).
+        let root = self
+            .path
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("/"));
+        if let Err(e) = crate::catalog_index::write(root, &self.catalog, &text) {
+            // The catalog is in place, so the change stands; say why
+            // resolution will be slow (only the CLI writes catalogs).
+            eprintln!(
+                "ml-container: warning: {}",
+                WriteError::Index {
+                    path: root.join(crate::catalog_index::INDEX_PATH),
+                    source: e,
+                }
+            );
+        }
         Ok(())
+    }
+
+    /// Rewrites the index of the current catalog (`ml-container reindex`),
+    /// after checking the catalog strictly (it was parsed under the lock).
+    pub fn reindex(self) -> Result<(), WriteError> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return self.commit(),
+            Err(e) => return Err(io_err(&self.path)(e)),
+        };
+        let root = self
+            .path
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("/"));
+        crate::catalog_index::write(root, &self.catalog, &text).map_err(|e| WriteError::Index {
+            path: root.join(crate::catalog_index::INDEX_PATH),
+            source: e,
+        })
     }
 }
 

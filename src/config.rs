@@ -190,6 +190,108 @@ pub struct RegistryConfig {
     pub owner: String,
     /// Per-node cache of verified sha256 sums (root-owned).
     pub hash_cache: AbsPath,
+    /// Node-local image cache directory ("" = off); `%n` is the node's
+    /// short host name (one directory per node on a shared file system).
+    pub node_cache: NodeCacheDir,
+    /// The most the node cache may hold, e.g. "200G".
+    pub node_cache_max: ByteSize,
+}
+
+/// `registry.node_cache`: "" (off) or an absolute path, `%n` allowed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeCacheDir(pub String);
+
+impl NodeCacheDir {
+    /// The directory on the node named `host`; `None` when off.
+    pub fn for_host(&self, host: &str) -> Option<PathBuf> {
+        if self.0.is_empty() {
+            return None;
+        }
+        Some(PathBuf::from(self.0.replace("%n", host)))
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeCacheDir {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let ok = s.is_empty()
+            || (s.starts_with('/')
+                && !s.contains('\0')
+                && !s.split('/').any(|c| c == "..")
+                && s.replace("%n", "").find('%').is_none());
+        if ok {
+            Ok(NodeCacheDir(s))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "'{}' is not an absolute path without '..' ('%n' = the node's name; \"\" = off)",
+                s.escape_default()
+            )))
+        }
+    }
+}
+
+impl Serialize for NodeCacheDir {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+/// A size in bytes, written `200G`, `512M`, `1T`, `4096` (powers of 1024).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Option<ByteSize> {
+        let s = s.trim();
+        let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+        let n: u64 = digits.parse().ok()?;
+        let shift = match unit.trim().to_ascii_uppercase().as_str() {
+            "" | "B" => 0,
+            "K" | "KB" | "KIB" => 10,
+            "M" | "MB" | "MIB" => 20,
+            "G" | "GB" | "GIB" => 30,
+            "T" | "TB" | "TIB" => 40,
+            _ => return None,
+        };
+        n.checked_mul(1u64 << shift).map(ByteSize)
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+            if n >= 1 << shift && n.is_multiple_of(1 << shift) {
+                return write!(f, "{}{unit}", n >> shift);
+            }
+        }
+        write!(f, "{n}")
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        let parsed = match Raw::deserialize(d) {
+            Ok(Raw::N(n)) => Some(ByteSize(n)),
+            Ok(Raw::S(s)) => ByteSize::parse(&s),
+            Err(_) => None,
+        };
+        parsed.ok_or_else(|| {
+            serde::de::Error::custom("expected a size such as \"200G\", \"512M\" or 4096 (bytes)")
+        })
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
 }
 
 impl Default for RegistryConfig {
@@ -203,6 +305,8 @@ impl Default for RegistryConfig {
             verify: VerifyLevel::Quick,
             owner: "root".to_string(),
             hash_cache: AbsPath(PathBuf::from("/var/cache/slurm-ml-container/sha256")),
+            node_cache: NodeCacheDir::default(),
+            node_cache_max: ByteSize(100 << 30),
         }
     }
 }
@@ -697,6 +801,50 @@ probe_timeout = 2
         assert_eq!(line, 5);
         assert_eq!(key, "runtime.gpus");
         assert!(msg.contains("maybe"), "{msg}");
+    }
+
+    #[test]
+    fn node_cache_keys() {
+        let p = Path::new("/etc/slurm/ml-container.toml");
+        let c = SiteConfig::parse(p, "").unwrap();
+        assert_eq!(c.registry.node_cache.for_host("n1"), None);
+        assert_eq!(c.registry.node_cache_max, ByteSize(100 << 30));
+        let c = SiteConfig::parse(
+            p,
+            "[registry]\nnode_cache = \"/var/cache/mlc/%n\"\nnode_cache_max = \"200G\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.registry.node_cache.for_host("gpu1"),
+            Some(PathBuf::from("/var/cache/mlc/gpu1"))
+        );
+        assert_eq!(c.registry.node_cache_max, ByteSize(200 << 30));
+        assert_eq!(c.registry.node_cache_max.to_string(), "200G");
+        for (value, n) in [
+            ("4096", 4096u64),
+            ("512M", 512 << 20),
+            ("1t", 1 << 40),
+            ("3 KiB", 3072),
+        ] {
+            assert_eq!(ByteSize::parse(value), Some(ByteSize(n)), "{value}");
+        }
+        for bad in [
+            "node_cache = \"relative\"",
+            "node_cache = \"/a/../b\"",
+            "node_cache = \"/a/%u\"",
+            "node_cache_max = \"12X\"",
+            "node_cache_max = \"99999999999T\"",
+            "node_cache_max = -1",
+        ] {
+            let e = SiteConfig::parse(p, &format!("[registry]\n{bad}\n")).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains("ml-container.toml:2"), "{bad}: {msg}");
+        }
+        // The size round-trips through the overrides path (plugstack args).
+        let c = SiteConfig::default()
+            .with_overrides(&[("registry.node_cache_max".into(), "1G".into())])
+            .unwrap();
+        assert_eq!(c.registry.node_cache_max, ByteSize(1 << 30));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 #![deny(unsafe_code)]
 
 pub mod catalog;
+pub mod catalog_index;
 pub mod catalog_write;
 pub mod config;
 pub mod distenv;
@@ -20,6 +21,7 @@ pub mod hostlist;
 pub mod integrity;
 pub mod jobtext;
 pub mod launch;
+pub mod node_cache;
 pub mod options;
 pub mod plugin;
 pub mod probe;

@@ -448,6 +448,9 @@ fn prepare_on_node(
         opened.pin.confirms(&Pin::decode(&text)?)?;
     }
     let Opened { pin, file, meta } = opened;
+    // The node cache copies from this very descriptor (pread: the offset
+    // integrity's reads move does not matter).
+    let source = file.try_clone().ok();
     let how = integrity::verify(
         &pin,
         file,
@@ -478,10 +481,14 @@ fn prepare_on_node(
     if let Some(n) = note {
         log::info!("{n}");
     }
+    let image_path = match source {
+        Some(src) => from_node_cache(host, config, &pin, &src),
+        None => pin.path.clone(),
+    };
     let plan = Plan {
         kind: config.runtime.kind,
         runtime,
-        image: pin.path.clone(),
+        image: image_path,
         // Decided per task: Slurm sets the GPU variables in the task's
         // environment (SLURM_STEP_GPUS), not yet here.
         nv: false,
@@ -492,6 +499,61 @@ fn prepare_on_node(
         quiet: config.runtime.quiet,
     };
     Ok((pin, plan))
+}
+
+/// The path the tasks run the image from: the node cache's copy when
+/// `registry.node_cache` is set (copied on first use, hashed while copying
+/// against the catalog's sha256, held in use until this step ends), else,
+/// and on any cache failure (one log line), the registry's file.
+fn from_node_cache(
+    host: &dyn Host,
+    config: &SiteConfig,
+    pin: &Pin,
+    src: &std::fs::File,
+) -> std::path::PathBuf {
+    let node = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .map(|h| h.split('.').next().unwrap_or_default().to_string())
+        .unwrap_or_default();
+    let Some(dir) = config.registry.node_cache.for_host(&node) else {
+        return pin.path.clone();
+    };
+    let cache = crate::node_cache::Cache {
+        dir,
+        max: config.registry.node_cache_max.0,
+    };
+    let suffix = crate::node_cache::suffix_of(&pin.path);
+    match cache.provide(pin.sha256.as_deref(), pin.size, suffix, src, &|| {
+        host.cancelled()
+    }) {
+        Ok((lease, outcome)) => {
+            let path = crate::node_cache::hold(lease);
+            match outcome {
+                crate::node_cache::Outcome::Hit => log::info!(
+                    "node cache: {} from {} (cached)",
+                    registry::escaped(&pin.display_name()),
+                    path.display()
+                ),
+                crate::node_cache::Outcome::Copied { bytes, millis } => log::info!(
+                    "node cache: copied {} ({bytes} bytes, sha256 ok) from {} to {} in {millis} ms",
+                    registry::escaped(&pin.display_name()),
+                    registry::escaped(&pin.path.to_string_lossy()),
+                    path.display()
+                ),
+            }
+            path
+        }
+        Err(e) => {
+            log::warn!(
+                "node cache {}: not used for {} ({}); running it from the registry",
+                cache.dir.display(),
+                registry::escaped(&pin.display_name()),
+                registry::escaped(&e.to_string())
+            );
+            pin.path.clone()
+        }
+    }
 }
 
 /// The job's user name for messages (the uid when it has none).

@@ -217,8 +217,17 @@ fn fifty_concurrent_adds_and_a_thousand_resolutions() {
                     match Registry::open(&cfg.registry) {
                         // A name not added yet is fine; a catalog that
                         // does not parse is not.
+                        // Through the index or the catalog, a name
+                        // means its own image or nothing.
                         Ok(reg) => {
-                            let _ = reg.resolve("img0");
+                            if let Ok(pin) = reg.resolve("img0") {
+                                if !pin.path.ends_with("ml-frameworks/img0.sif") {
+                                    errors
+                                        .lock()
+                                        .unwrap()
+                                        .push(format!("img0 -> {}", pin.path.display()));
+                                }
+                            }
                         }
                         Err(err) => errors.lock().unwrap().push(err.to_string()),
                     }
@@ -251,6 +260,12 @@ fn fifty_concurrent_adds_and_a_thousand_resolutions() {
     for w in writers {
         let o = w.join().unwrap();
         assert!(o.status.success(), "{}", text(&o));
+        // Each writer indexed the catalog it wrote, under the same lock.
+        assert!(
+            !String::from_utf8_lossy(&o.stderr).contains("warning"),
+            "{}",
+            text(&o)
+        );
     }
     stop.store(true, Ordering::SeqCst);
     for r in readers {
@@ -264,10 +279,17 @@ fn fifty_concurrent_adds_and_a_thousand_resolutions() {
         errors.first()
     );
     assert!(resolutions.load(Ordering::SeqCst) >= 1000);
-    let reg = Registry::open(&cfg.registry).unwrap();
-    assert_eq!(reg.catalog().expect("catalog").images.len(), 50);
+    // The last writer's index answers for all 50, and as the full parse.
+    let parsed = Registry::open(&cfg.registry).unwrap();
+    assert_eq!(parsed.catalog().expect("catalog").images.len(), 50);
     for i in 0..50 {
-        assert!(reg.resolve(&format!("img{i}:1")).is_ok(), "img{i}");
+        for r in [format!("img{i}:1"), format!("img{i}")] {
+            let reg = Registry::open(&cfg.registry).unwrap();
+            let fast = reg.resolve(&r).unwrap();
+            assert_eq!(reg.index_hits(), 1, "{r} was not answered by the index");
+            assert_eq!(fast, parsed.resolve(&r).unwrap(), "{r}");
+            assert!(fast.path.ends_with(format!("ml-frameworks/img{i}.sif")));
+        }
     }
 }
 
@@ -498,5 +520,179 @@ fn prune_removes_old_job_directories_only() {
     assert_eq!(
         cli(&e, &["prune", "--older-than", "x"]).status.code(),
         Some(2)
+    );
+}
+
+/// Issue 15: the index add/remove keep beside the catalog; a hand edit
+/// makes it stale (resolution then parses the catalog, and says what the
+/// edit says), `doctor` notes it and `reindex` rewrites it.
+#[test]
+fn a_hand_edited_catalog_is_read_not_its_stale_index() {
+    let e = env("reindex", "");
+    assert!(cli(&e, &["init"]).status.success());
+    let frameworks = root(&e).join("ml-frameworks");
+    for i in 0..3 {
+        sif_file(&frameworks.join(format!("img{i}.sif")));
+        let o = cli(
+            &e,
+            &[
+                "add",
+                frameworks.join(format!("img{i}.sif")).to_str().unwrap(),
+                "--name",
+                &format!("img{i}"),
+                "--tag",
+                "1",
+            ],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    let idx = root(&e).join(".registry/catalog.idx");
+    let m = fs::metadata(&idx).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o644);
+    let o = cli(&e, &["doctor"]);
+    assert!(
+        text(&o).contains("ok      catalog index current"),
+        "{}",
+        text(&o)
+    );
+    let cfg = SiteConfig::load(
+        &PlugstackArgs::parse(&[format!("config={}", e.config.display())]).unwrap(),
+    )
+    .unwrap();
+    let reg = Registry::open(&cfg.registry).unwrap();
+    assert!(reg.resolve("img1:1").unwrap().path.ends_with("img1.sif"));
+    assert_eq!(reg.index_hits(), 1);
+    // By hand: img1:1 now points at img2's file (same length).
+    let cat = root(&e).join(".registry/catalog.toml");
+    let edited = fs::read_to_string(&cat)
+        .unwrap()
+        .replace("ml-frameworks/img1.sif", "ml-frameworks/img2.sif");
+    fs::write(&cat, edited).unwrap();
+    let reg = Registry::open(&cfg.registry).unwrap();
+    assert!(reg.resolve("img1:1").unwrap().path.ends_with("img2.sif"));
+    assert_eq!(reg.index_hits(), 0, "the stale index was used");
+    let o = cli(&e, &["doctor"]);
+    assert!(
+        text(&o).contains("note    the catalog index is stale"),
+        "{}",
+        text(&o)
+    );
+    let o = cli(&e, &["reindex"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("indexed 3 catalog entries"),
+        "{}",
+        text(&o)
+    );
+    let reg = Registry::open(&cfg.registry).unwrap();
+    assert!(reg.resolve("img1:1").unwrap().path.ends_with("img2.sif"));
+    assert_eq!(reg.index_hits(), 1);
+    // A hand edit that breaks the catalog: reindex refuses, strictly.
+    fs::write(&cat, "version = 1\n[[image]]\nname = \"x\"\n").unwrap();
+    let o = cli(&e, &["reindex"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("catalog.toml:"), "{}", text(&o));
+}
+
+/// Issue 15: this node's cache through the CLI: fill copies once (then
+/// says it is there), list and check show it, a changed copy is flagged
+/// and pruned, an image without sha256 is never cached.
+#[test]
+fn cache_fill_list_check_prune_on_a_node() {
+    let e = env("cache", "");
+    let cache_dir = e.dir.join("node-cache/%n");
+    fs::write(
+        &e.config,
+        format!(
+            "[registry]\nroot = \"{}/containers\"\nnode_cache = \"{}\"\nnode_cache_max = \"64M\"\n",
+            e.dir.display(),
+            cache_dir.display()
+        ),
+    )
+    .unwrap();
+    assert!(cli(&e, &["init"]).status.success());
+    let frameworks = root(&e).join("ml-frameworks");
+    sif_file(&frameworks.join("a.sif"));
+    let o = cli(
+        &e,
+        &[
+            "add",
+            frameworks.join("a.sif").to_str().unwrap(),
+            "--name",
+            "a",
+            "--tag",
+            "1",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+    let host = host.split('.').next().unwrap().to_string();
+    let o = cli(&e, &["cache", "check", "a"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("{host}: a:1: in registry only")),
+        "{}",
+        text(&o)
+    );
+    let o = cli(&e, &["cache", "fill", "a:1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("copied to") && text(&o).contains("sha256 ok"),
+        "{}",
+        text(&o)
+    );
+    let o = cli(&e, &["cache", "fill", "a"]);
+    assert!(text(&o).contains("already cached"), "{}", text(&o));
+    let sum = integrity::sha256_file(&frameworks.join("a.sif")).unwrap();
+    let copy = e.dir.join(format!("node-cache/{host}/images/{sum}.sif"));
+    assert_eq!(
+        fs::read(&copy).unwrap(),
+        fs::read(frameworks.join("a.sif")).unwrap()
+    );
+    let o = cli(&e, &["doctor"]);
+    assert!(
+        text(&o).contains(&format!(
+            "ok      node cache {}",
+            e.dir.join("node-cache").join(&host).display()
+        )),
+        "{}",
+        text(&o)
+    );
+    let o = cli(&e, &["cache", "list"]);
+    assert!(text(&o).contains("1 images"), "{}", text(&o));
+    assert!(text(&o).contains(" idle   ok      a:1"), "{}", text(&o));
+    let o = cli(&e, &["cache", "check", "--all"]);
+    assert!(
+        text(&o).contains("in cache") && text(&o).contains("sha256 ok"),
+        "{}",
+        text(&o)
+    );
+    // Changed behind the cache's back: flagged, and prune removes it.
+    let f = fs::OpenOptions::new().write(true).open(&copy).unwrap();
+    f.write_all_at(b"x", 4096).unwrap();
+    drop(f);
+    let o = cli(&e, &["cache", "check", "a"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("CHANGED"), "{}", text(&o));
+    let o = cli(&e, &["cache", "prune"]);
+    assert!(text(&o).contains("1 removed, 0 kept"), "{}", text(&o));
+    assert!(!copy.exists());
+    // No sha256 in the catalog: not cached, and said so.
+    sif_file(&frameworks.join("b.sif"));
+    let cat = root(&e).join(".registry/catalog.toml");
+    let mut t = fs::read_to_string(&cat).unwrap();
+    t.push_str("\n[[image]]\nname = \"b\"\ntag = \"1\"\npath = \"ml-frameworks/b.sif\"\n");
+    fs::write(&cat, t).unwrap();
+    let o = cli(&e, &["cache", "fill", "b"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("no sha256"), "{}", text(&o));
+    // Off: a clear error naming the key.
+    let e2 = env("cache-off", "");
+    let o = cli(&e2, &["cache", "list"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("registry.node_cache is not set"),
+        "{}",
+        text(&o)
     );
 }

@@ -9,6 +9,7 @@ pub mod pytorch;
 pub mod registry;
 pub mod releases;
 pub mod rough_edges;
+pub mod scale;
 pub mod security;
 pub mod security_outputs;
 

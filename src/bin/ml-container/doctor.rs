@@ -178,10 +178,65 @@ pub fn doctor(cfg: &SiteConfig, config_path: &Path) -> ExitCode {
                 }
             }
             f.ok(format!("{} catalog entries checked", images.len()));
+            // Speed, not correctness: without a current index every srun
+            // and every node parse the whole catalog.
+            match slurm_ml_container::catalog_index::status(reg.root(), &[0]) {
+                Ok(()) => f.ok("catalog index current".into()),
+                Err(e) => f.note(e.to_string()),
+            }
+            let no_sum = images.iter().filter(|i| i.sha256.is_none()).count();
+            if !cfg.registry.node_cache.0.is_empty() && no_sum > 0 {
+                f.note(format!(
+                    "{no_sum} catalog entries have no sha256: the node cache never holds them \
+                     (re-add them with ml-container add, which records it)"
+                ));
+            }
         }
         Err(e) => f.problem(e, "fix the catalog"),
     }
+    node_cache(&mut f, cfg);
     finish(f)
+}
+
+/// This node's image cache directory, when one is configured: root's, not
+/// writable by others, not a symlink (else every step falls back to the
+/// registry, with a line in the slurmd log).
+fn node_cache(f: &mut Findings, cfg: &SiteConfig) {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .map(|h| h.split('.').next().unwrap_or_default().to_string())
+        .unwrap_or_default();
+    let Some(dir) = cfg.registry.node_cache.for_host(&host) else {
+        return;
+    };
+    match fs::symlink_metadata(&dir) {
+        Err(_) => f.note(format!(
+            "node cache {} does not exist yet (the first step creates it, root 0755)",
+            dir.display()
+        )),
+        Ok(m) if !m.file_type().is_dir() => f.problem(
+            format!(
+                "node cache {} is not a directory (a symlink?)",
+                dir.display()
+            ),
+            "remove it; the first step makes the directory",
+        ),
+        Ok(m) if m.uid() != 0 || m.mode() & 0o022 != 0 => f.problem(
+            format!(
+                "node cache {} is owned by uid {} with mode {:04o}: steps will not use it",
+                dir.display(),
+                m.uid(),
+                m.mode() & 0o7777
+            ),
+            "chown root and chmod 0755 it",
+        ),
+        Ok(_) => f.ok(format!(
+            "node cache {} (at most {})",
+            dir.display(),
+            cfg.registry.node_cache_max
+        )),
+    }
 }
 
 /// `key = value` lines of apptainer.conf/singularity.conf (`#` comments;

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod build;
+mod cache_cmds;
 mod doctor;
 mod registry_cmds;
 
@@ -21,9 +22,17 @@ commands:
       [--label K=V]... [--copy-to DIR]
                            validate, hash and add an image to the catalog
   remove NAME:TAG          remove a catalog entry (the file stays)
+  reindex                  check the catalog and rewrite its index (after a hand edit)
   list [--json]            the images users can name
   show IMAGE               what --ml-container=IMAGE resolves to
   verify IMAGE | --all     check structure, size and sha256
+  verify --nodes HOSTLIST IMAGE | --all
+                           on every node (through srun): in its cache or only in
+                           the registry, size, sha256 ok, age; one line per node
+  stage IMAGE --nodes HOSTLIST [--srun-arg ARG]...
+                           fill the node caches (registry.node_cache) through srun
+  cache list | prune [--all] | fill IMAGE | check IMAGE|--all
+                           this node's image cache
   doctor                   check config, runtime, plugstack, Slurm, registry
   diagnose JOBID           show the failure reports of a job
   prune [--older-than DAYS] [--dry-run]
@@ -45,10 +54,13 @@ fn command_help(cmd: &str) -> Option<&'static str> {
     Some(match cmd {
         "init" => "usage: ml-container init [--config PATH]\n\nCreate the registry root and ml-frameworks/, custom-images/, base-images/,\n.registry/ (root:slurm, 0755) and an empty catalog if there is none.",
         "add" => "usage: ml-container add FILE --name N --tag T [--default] [--alias A]...\n       [--description D] [--label K=V]... [--copy-to DIR] [--config PATH]\n\nCheck FILE is a sound SIF (or squashfs) image, record its size and sha256,\nand add it to the catalog under a lock (atomic rewrite). FILE must be inside\nthe registry, or --copy-to DIR copies it to <root>/DIR/<name>-<tag>.sif.\n--default makes it what a bare NAME means.",
+        "reindex" => "usage: ml-container reindex [--config PATH]\n\nCheck the catalog strictly and rewrite .registry/catalog.idx, the index srun\nand the nodes resolve names with (add and remove keep it current; after a\nhand edit of the catalog it is stale and resolution parses the whole catalog).",
         "remove" => "usage: ml-container remove NAME:TAG [--config PATH]\n\nRemove a catalog entry (atomic rewrite). The image file stays.",
         "list" => "usage: ml-container list [--json] [--config PATH]\n\nThe catalog's images and the <name>.sif files the scan finds.",
         "show" => "usage: ml-container show IMAGE [--config PATH]\n\nWhat --ml-container=IMAGE resolves to, and its catalog entry.",
-        "verify" => "usage: ml-container verify IMAGE | --all [--config PATH]\n\nCheck structure, size and sha256 of catalog images; exit 1 naming each failure.",
+        "verify" => "usage: ml-container verify IMAGE | --all [--config PATH]\n       ml-container verify --nodes HOSTLIST IMAGE | --all [--srun-arg ARG]... [--config PATH]\n\nCheck structure, size and sha256 of catalog images; exit 1 naming each failure.\nWith --nodes: on each node, through srun (one task per node), one line per\nnode and image: in its cache (size, sha256 ok, last use) or only in the\nregistry (size); exit 1 when a node fails or holds a changed copy.",
+        "stage" => "usage: ml-container stage IMAGE --nodes HOSTLIST [--srun-arg ARG]... [--config PATH]\n\nFill the node caches (registry.node_cache) ahead of a big job: runs\n'ml-container cache fill IMAGE' once on every node through srun (as root:\nthe cache is root's; run it with sudo). Each node resolves IMAGE from its\nown catalog read, copies it hashing on the way and checks the catalog's\nsha256. --srun-arg passes options to srun (--partition=P, --reservation=R).",
+        "cache" => "usage: ml-container cache list | prune [--all] | fill IMAGE | check IMAGE|--all [--config PATH]\n\nThis node's image cache (registry.node_cache): list its images (size,\nlast use, in use by a step, unchanged since hashed); prune removes those\nno step uses that changed or left the catalog (--all: every one not in\nuse); fill copies IMAGE in (as root); check prints one line per image.",
         "doctor" => "usage: ml-container doctor [--config PATH]\n\nCheck the config, the runtime, the plugstack line and plugin, the running\nSlurm against the build, registry modes and catalog entries; one line per\nfinding with its fix; exit 1 if any problem.",
         "diagnose" => "usage: ml-container diagnose JOBID [--config PATH]\n\nShow the failure reports the plugin wrote for a job.",
         "prune" => "usage: ml-container prune [--older-than DAYS] [--dry-run] [--config PATH]\n\nRemove the job directories under the report dir (failure.report_dir) that\nhave not changed for DAYS days (default 30), including those moved aside\nwhen a job id was reused. --dry-run only lists them. Needs root.",
@@ -171,9 +183,19 @@ fn main() -> ExitCode {
         "init" => registry_cmds::init(&cfg),
         "add" => return registry_cmds::add(&cfg, &mut args),
         "remove" => registry_cmds::remove(&cfg, &mut args),
+        "reindex" => registry_cmds::reindex(&cfg),
         "list" => registry_cmds::list(&cfg, &mut args),
         "show" => registry_cmds::show(&cfg, &mut args),
-        "verify" => registry_cmds::verify(&cfg, &mut args),
+        "verify" => match args.value("--nodes") {
+            Some(nodes) => cache_cmds::verify_nodes(
+                config_arg.as_deref().map(std::path::Path::new),
+                &nodes,
+                &mut args,
+            ),
+            None => registry_cmds::verify(&cfg, &mut args),
+        },
+        "stage" => cache_cmds::stage(config_arg.as_deref().map(std::path::Path::new), &mut args),
+        "cache" => cache_cmds::cache(&cfg, &mut args),
         "doctor" => doctor::doctor(&cfg, &cfg_path),
         "config" => config(&cfg),
         "env" => env(&cfg, &mut args),

@@ -307,6 +307,26 @@ pub fn add(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
     }
 }
 
+/// `reindex`: checks the catalog strictly and rewrites its index (after a
+/// hand edit, or where a write could not index it).
+pub fn reindex(cfg: &SiteConfig) -> ExitCode {
+    let root = cfg.registry.root.as_path();
+    match catalog_write::lock(root).and_then(|l| {
+        let n = l.catalog.images.len();
+        l.reindex().map(|()| n)
+    }) {
+        Ok(n) => {
+            println!(
+                "indexed {n} catalog entries ({})",
+                root.join(slurm_ml_container::catalog_index::INDEX_PATH)
+                    .display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e.to_string()),
+    }
+}
+
 /// `remove NAME:TAG` (the image file stays).
 pub fn remove(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
     let Some(r) = args.positional() else {
