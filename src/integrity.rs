@@ -18,7 +18,6 @@
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -308,23 +307,11 @@ pub fn sha256_bounded<R: Read>(
     Ok(hex(&hasher.finalize()))
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use secure::hex;
 
-/// The cache key: any change to the file (rewrite, replace, touch, chmod)
-/// changes at least one of these.
+/// The cache key: [`secure::file_identity`].
 fn cache_key(m: &fs::Metadata) -> String {
-    format!(
-        "{}-{}-{}-{}.{}-{}.{}",
-        m.dev(),
-        m.ino(),
-        m.size(),
-        m.mtime(),
-        m.mtime_nsec(),
-        m.ctime(),
-        m.ctime_nsec()
-    )
+    secure::file_identity(m)
 }
 
 /// The sum this node found for the file with `key`, if it hashed it.

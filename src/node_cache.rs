@@ -42,7 +42,7 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
-use std::fs::{self, File, Metadata, OpenOptions, TryLockError};
+use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -183,22 +183,7 @@ pub struct Listed {
     pub valid: bool,
 }
 
-fn identity(m: &Metadata) -> String {
-    format!(
-        "{}-{}-{}-{}.{:09}-{}.{:09}",
-        m.dev(),
-        m.ino(),
-        m.size(),
-        m.mtime(),
-        m.mtime_nsec(),
-        m.ctime(),
-        m.ctime_nsec()
-    )
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+use secure::{file_identity as identity, hex};
 
 impl Cache {
     fn images(&self) -> PathBuf {

@@ -276,6 +276,27 @@ pub fn ensure_private_dir(dir: &Path, mode: u32, uid: u32) -> io::Result<()> {
         .map_err(|e| io::Error::other(e.to_string()))
 }
 
+/// A file's identity as root's caches key it (the sha256 cache, the node
+/// image cache): device, inode, size, mtime and ctime to the nanosecond.
+/// Any change to the file (rewrite, replace, touch, chmod) changes it.
+pub fn file_identity(m: &Metadata) -> String {
+    format!(
+        "{}-{}-{}-{}.{:09}-{}.{:09}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    )
+}
+
+/// Lowercase hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
