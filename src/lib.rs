@@ -8,6 +8,7 @@
 //! - the support library: the pure modules below, shared with
 //! - the admin CLI, `ml-container` (src/bin).
 
+pub mod capture;
 pub mod catalog;
 pub mod catalog_write;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod launch;
 pub mod options;
 pub mod plugin;
 pub mod probe;
+pub mod prom;
 pub mod registry;
 pub mod report;
 pub mod secure;

@@ -199,6 +199,10 @@ pub struct MasterProbe {
     pub port: u16,
     pub reachable: bool,
     pub error: Option<String>,
+    /// When the probe ran (issue 14: only where it can tell something, at
+    /// a node's first failure while other tasks of the step still ran).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
 }
 
 /// Whether `addr:port` accepts a TCP connection, the whole probe (name
@@ -262,6 +266,7 @@ where
         port,
         reachable: result.is_ok(),
         error: result.err(),
+        when: None,
     }
 }
 
