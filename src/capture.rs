@@ -142,7 +142,7 @@ impl StepDir {
 
     /// As root: a file the user's processes wrote here, read safely
     /// ([`read_user_file`]).
-    pub fn read(&self, name: &str, cap: usize) -> Option<Vec<u8>> {
+    pub fn read(&self, name: &str, cap: usize) -> Option<UserFile> {
         read_user_file(&self.path, name, self.uid, cap)
     }
 }
@@ -175,7 +175,7 @@ fn remove_in(base: &File, name: &str) {
 /// regular file owned by `uid`: opened without following a symlink and
 /// without blocking (a FIFO), at most `cap` bytes (the last `cap` when it
 /// is longer). None when absent or refused.
-pub fn read_user_file(dir: &Path, name: &str, uid: u32, cap: usize) -> Option<Vec<u8>> {
+pub fn read_user_file(dir: &Path, name: &str, uid: u32, cap: usize) -> Option<UserFile> {
     if name.contains('/') {
         return None;
     }
@@ -194,9 +194,23 @@ pub fn read_user_file(dir: &Path, name: &str, uid: u32, cap: usize) -> Option<Ve
         use std::io::{Seek, SeekFrom};
         f.seek(SeekFrom::Start(len - cap as u64)).ok()?;
     }
-    let mut out = Vec::with_capacity(cap.min(len as usize));
-    (&mut f).take(cap as u64).read_to_end(&mut out).ok()?;
-    Some(out)
+    let mut bytes = Vec::with_capacity(cap.min(len as usize));
+    (&mut f).take(cap as u64).read_to_end(&mut bytes).ok()?;
+    let modified_unix_ms = u64::try_from(m.mtime())
+        .ok()
+        .map(|s| s.saturating_mul(1000) + u64::try_from(m.mtime_nsec()).unwrap_or(0) / 1_000_000);
+    Some(UserFile {
+        bytes,
+        modified_unix_ms,
+    })
+}
+
+/// A file read by [`read_user_file`]: (the end of) its content, and its
+/// mtime (the user's to set: only ever used to order the user's own ranks).
+#[derive(Debug)]
+pub struct UserFile {
+    pub bytes: Vec<u8>,
+    pub modified_unix_ms: Option<u64>,
 }
 
 /// The last `n` lines of `bytes`, each escaped ([`jobtext::escape`]) and
@@ -319,7 +333,7 @@ mod tests {
         let own = d.path.join("stderr.1");
         fs::write(&own, b"0123456789").unwrap();
         std::os::unix::fs::chown(&own, Some(1500), None).unwrap();
-        assert_eq!(d.read("stderr.1", 4).unwrap(), b"6789");
+        assert_eq!(d.read("stderr.1", 4).unwrap().bytes, b"6789");
         // Another owner's file, a symlink and a FIFO are refused.
         fs::write(d.path.join("stderr.2"), b"root's").unwrap();
         assert!(d.read("stderr.2", 100).is_none());

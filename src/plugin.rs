@@ -882,8 +882,9 @@ pub fn task_exit(host: &mut dyn Host) -> Result<(), PluginError> {
         if let Some(d) = step_dir.as_ref() {
             let cap = usize::try_from(config.failure.capture_stderr).unwrap_or(0);
             if cap > 0 {
-                if let Some(bytes) = d.read(&capture::stderr_name(outcome.rank), cap) {
-                    outcome.stderr_tail = capture::tail_lines(&bytes, capture::TAIL_LINES);
+                if let Some(f) = d.read(&capture::stderr_name(outcome.rank), cap) {
+                    outcome.stderr_tail = capture::tail_lines(&f.bytes, capture::TAIL_LINES);
+                    outcome.last_stderr_unix_ms = f.modified_unix_ms;
                 }
             }
             outcome.torch_error = d
@@ -891,7 +892,7 @@ pub fn task_exit(host: &mut dyn Host) -> Result<(), PluginError> {
                     &capture::torch_error_name(outcome.rank),
                     capture::TORCH_ERROR_CAP,
                 )
-                .and_then(|b| capture::parse_torch_error(&b));
+                .and_then(|f| capture::parse_torch_error(&f.bytes));
         }
     }
     let local_tasks = host.local_task_count();

@@ -50,6 +50,9 @@ pub struct TaskOutcome {
     pub started_unix_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_unix_ms: Option<u64>,
+    /// When the task last wrote to stderr (with `failure.capture_stderr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_stderr_unix_ms: Option<u64>,
     /// The last lines the task wrote to stderr (failed tasks, with
     /// `failure.capture_stderr`), escaped.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -74,6 +77,7 @@ impl TaskOutcome {
             signal,
             started_unix_ms: None,
             ended_unix_ms: None,
+            last_stderr_unix_ms: None,
             stderr_tail: Vec::new(),
             torch_error: None,
         }
@@ -81,6 +85,19 @@ impl TaskOutcome {
 
     pub fn failed(&self) -> bool {
         self.signal.is_some() || self.exit_code.is_some_and(|c| c != 0)
+    }
+
+    /// When the task failed, as near as the plugin can tell: its last
+    /// stderr output when that came within [`LAST_WORDS_MS`] of its end (a
+    /// traceback or error message is written just before a program exits,
+    /// while the runtime's teardown after the payload takes a varying
+    /// while, so end times alone misorder ranks that fail within it), else
+    /// its end.
+    pub fn failed_at_ms(&self) -> Option<u64> {
+        match (self.ended_unix_ms, self.last_stderr_unix_ms) {
+            (Some(e), Some(l)) if l <= e && e - l <= LAST_WORDS_MS => Some(l),
+            (e, _) => e,
+        }
     }
 
     pub fn describe(&self) -> String {
@@ -461,6 +478,9 @@ impl Report {
     }
 }
 
+/// See [`TaskOutcome::failed_at_ms`].
+pub const LAST_WORDS_MS: u64 = 2_000;
+
 /// How the master probe's recommendation starts.
 const MASTER_POINTER: &str = "'ml-container diagnose ";
 
@@ -545,10 +565,10 @@ pub fn timeline<'a>(reports: &[&'a Report]) -> Timeline<'a> {
         })
         .collect();
     // By end time (unknown last), then rank.
-    ranks.sort_by_key(|v| (v.task.ended_unix_ms.unwrap_or(u64::MAX), v.task.rank));
+    ranks.sort_by_key(|v| (v.task.failed_at_ms().unwrap_or(u64::MAX), v.task.rank));
     let own = |v: &RankView| v.task.failed() && (!stopped_by_slurm(v.task) || v.oom_killed);
     let first = ranks.iter().position(own);
-    let first_end = first.and_then(|i| ranks[i].task.ended_unix_ms);
+    let first_end = first.and_then(|i| ranks[i].task.failed_at_ms());
     let first_rank = first.map(|i| ranks[i].task.rank);
     let verdicts: Vec<Verdict> = ranks
         .iter()
@@ -561,7 +581,7 @@ pub fn timeline<'a>(reports: &[&'a Report]) -> Timeline<'a> {
                 return Verdict::Succeeded;
             }
             let after_ms = first_end
-                .zip(v.task.ended_unix_ms)
+                .zip(v.task.failed_at_ms())
                 .map(|(f, e)| e.saturating_sub(f));
             match first_rank {
                 None => Verdict::StoppedBySlurm,
@@ -636,9 +656,9 @@ pub fn render_timeline(t: &Timeline) -> String {
             .ranks
             .iter()
             .filter(|o| o.task.rank != v.task.rank && o.task.failed())
-            .filter_map(|o| o.task.ended_unix_ms)
+            .filter_map(|o| o.task.failed_at_ms())
             .min();
-        let lead = match (v.task.ended_unix_ms, next) {
+        let lead = match (v.task.failed_at_ms(), next) {
             (Some(a), Some(b)) => format!(
                 ", {} before the next rank ended",
                 fmt_ms(b.saturating_sub(a))
@@ -1378,6 +1398,26 @@ mod tests {
         );
         assert!(text.contains("      RuntimeError: boom\n"), "{text}");
         assert!(text.contains("rank 3 on n2: killed by signal 15 (SIGTERM): stopped after rank 1 failed (+0.400 s)"), "{text}");
+        // Ranks that end within the runtime's teardown of each other are
+        // ordered by their last words: rank 0 ended first, but rank 1's
+        // traceback came before rank 0's message.
+        let mut a = ended(0, 0, 1 << 8, 5_000);
+        a.last_stderr_unix_ms = Some(4_990);
+        let mut b = ended(1, 1, 1 << 8, 5_100);
+        b.last_stderr_unix_ms = Some(4_900);
+        let mut old = ended(2, 2, 1 << 8, 5_050);
+        old.last_stderr_unix_ms = Some(1_000); // long before its end: not last words
+        let r = report(vec![a, b, old]);
+        let t = timeline(&[&r]);
+        assert_eq!(t.ranks[t.first.unwrap()].task.rank, 1);
+        assert_eq!(t.ranks[1].task.rank, 0);
+        assert_eq!(
+            t.ranks[2].verdict,
+            Verdict::StoppedAfter {
+                rank: 1,
+                after_ms: Some(150)
+            }
+        );
         // A rank that fails on its own long after is not "stopped after".
         let late = report(vec![ended(4, 0, 2 << 8, 5_000 + STOPPED_AFTER_MS + 1)]);
         let t = timeline(&[&n1, &late]);

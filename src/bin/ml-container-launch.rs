@@ -121,6 +121,10 @@ fn main() -> ExitCode {
 struct Tail {
     cap: usize,
     bytes: VecDeque<u8>,
+    /// When the last byte arrived: a failing program's last words (a
+    /// traceback) come right before it ends, while the runtime's own
+    /// teardown after it takes a varying while.
+    last: Option<std::time::SystemTime>,
 }
 
 impl Tail {
@@ -129,11 +133,13 @@ impl Tail {
         let over = (self.bytes.len() + chunk.len()).saturating_sub(self.cap);
         self.bytes.drain(..over.min(self.bytes.len()));
         self.bytes.extend(chunk);
+        self.last = Some(std::time::SystemTime::now());
     }
 }
 
 /// Leaves the tail for the plugin (root reads it with O_NOFOLLOW, as the
-/// job's own file): created without following a link, 0600.
+/// job's own file): created without following a link, 0600. Its mtime is
+/// when the last byte arrived.
 fn leave_tail(c: &StderrCapture, tail: &Tail) {
     use std::os::unix::fs::OpenOptionsExt;
     let (a, b) = tail.bytes.as_slices();
@@ -146,7 +152,11 @@ fn leave_tail(c: &StderrCapture, tail: &Tail) {
         .open(&c.file)
         .and_then(|mut f| {
             f.write_all(a)?;
-            f.write_all(b)
+            f.write_all(b)?;
+            match tail.last {
+                Some(t) => f.set_modified(t),
+                None => Ok(()),
+            }
         });
 }
 
@@ -198,6 +208,7 @@ fn run(spec: &LaunchSpec, args: &[OsString]) -> std::io::Result<(Ended, SigSet, 
     let mut tail = capture.map(|c| Tail {
         cap: c.bytes as usize,
         bytes: VecDeque::new(),
+        last: None,
     });
     let mut buf = vec![0u8; if pipe.is_some() { 64 << 10 } else { 0 }];
     let mut exited: Option<(Ended, Instant)> = None;
