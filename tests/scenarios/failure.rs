@@ -203,7 +203,7 @@ fn the_master_probe_runs_only_while_ranks_still_run() {
     // listens on the master's port.
     let r = c.srun(&[
         "-N2",
-        "-n4",
+        "--ntasks-per-node=2",
         "--ml-container=demo",
         "/bin/sh",
         "-c",
@@ -680,10 +680,23 @@ fn the_stderr_passthrough_is_byte_for_byte_and_code_for_code() {
     blob.extend(std::iter::repeat_n(b'x', 1 << 20));
     std::fs::write(c.path("/home/mluser/blob"), &blob).expect("write blob");
     let read = |p: &str| std::fs::read(c.path(p)).unwrap_or_default();
-    // srun's own lines name the job id; our notice is ours.
+    // srun's own lines (which name the job id) may arrive amid the task's
+    // stderr when its last line has no newline yet: cut them wherever they
+    // are (the payload's bytes never spell "srun: "); our notice is ours.
     let strip = |b: Vec<u8>| -> Vec<u8> {
-        b.split_inclusive(|c| *c == b'\n')
-            .filter(|l| !l.starts_with(b"ml-container:") && !l.starts_with(b"srun: "))
+        let mut out = Vec::with_capacity(b.len());
+        let mut rest = &b[..];
+        while let Some(at) = rest.windows(6).position(|w| w == b"srun: ") {
+            out.extend_from_slice(&rest[..at]);
+            let line_end = rest[at..]
+                .iter()
+                .position(|c| *c == b'\n')
+                .map_or(rest.len(), |e| at + e + 1);
+            rest = &rest[line_end..];
+        }
+        out.extend_from_slice(rest);
+        out.split_inclusive(|c| *c == b'\n')
+            .filter(|l| !l.starts_with(b"ml-container:"))
             .flatten()
             .copied()
             .collect()
@@ -694,7 +707,8 @@ fn the_stderr_passthrough_is_byte_for_byte_and_code_for_code() {
         .collect();
     codes.extend(["kill -KILL $$".to_string(), "kill -SEGV $$".to_string()]);
     for (i, end) in codes.iter().enumerate() {
-        let payload = format!("cat ~/blob >&2; cat ~/blob; echo; echo 'last words {i}' >&2; {end}");
+        let payload =
+            format!("cat ~/blob >&2; echo >&2; cat ~/blob; echo; echo 'last words {i}' >&2; {end}");
         let run = |tag: &str, argv: &[&str]| {
             let cmd = format!(
                 "srun -w n1 {} >/tmp/{tag}.out 2>/tmp/{tag}.err",
@@ -725,7 +739,12 @@ fn the_stderr_passthrough_is_byte_for_byte_and_code_for_code() {
         );
         let (o_out, t_out) = (read("/tmp/ours.out"), read("/tmp/theirs.out"));
         assert_eq!(o_out.len(), blob.len() + 1, "{end}");
-        assert!(o_out == t_out, "{end}: stdout differs");
+        assert!(
+            o_out == t_out,
+            "{end}: stdout differs ({} and {} bytes)",
+            o_out.len(),
+            t_out.len()
+        );
         let (o_err, t_err) = (strip(read("/tmp/ours.err")), strip(read("/tmp/theirs.err")));
         assert_eq!(o_err.len(), t_err.len(), "{end}: stderr lengths differ");
         assert!(o_err == t_err, "{end}: stderr differs");
