@@ -58,15 +58,18 @@ pub struct StepSample {
     pub prepare_ms: u64,
 }
 
-/// The `image` label of a step: `name:tag` from the catalog, `path` for
-/// an image given as a path (unbounded names stay out of labels).
+/// The `image` label of a step: `name:tag` from the catalog, the name of
+/// an image found in the search directories (`<name>.sif`), `path` for an
+/// image given as a path (unbounded names stay out of labels).
 pub fn image_label(pin: &Pin) -> String {
-    match (&pin.source, &pin.name, &pin.tag) {
+    let label = match (&pin.source, &pin.name, &pin.tag) {
         (Source::Path, _, _) => "path".to_string(),
         (_, Some(n), Some(t)) => format!("{n}:{t}"),
         (_, Some(n), None) => n.clone(),
+        (Source::Scan, None, _) => pin.reference.clone(),
         _ => "path".to_string(),
-    }
+    };
+    crate::jobtext::escape(&label, 128)
 }
 
 /// How a task ended, as a label value from a fixed set: `ok`, `exit_1`,

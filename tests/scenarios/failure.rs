@@ -16,6 +16,7 @@ crate::on_slurm_24_11!(
     diagnose_names_the_rank_that_raised_first,
     the_stderr_passthrough_is_byte_for_byte_and_code_for_code,
     a_torchelastic_error_file_is_in_the_report,
+    a_hang_names_the_ranks_still_alive,
     a_successful_step_writes_metrics_and_no_report,
     a_planted_symlink_is_not_followed,
     a_hung_probe_costs_at_most_its_timeout,
@@ -833,4 +834,52 @@ except ValueError as e:
     assert!(c.read("/home/mluser/mine.json").contains("bad shard 3"));
     let rep = report(&c, 2, "n1", Duration::from_secs(5)).expect("report");
     assert!(rep["tasks"][0]["torch_error"].is_null(), "{rep}");
+}
+
+/// Issue 14: a step that Slurm stops (scancel, time limit) while ranks
+/// still run long after another ended: the report names the ranks still
+/// alive and how long after the last exit they were stopped.
+fn a_hang_names_the_ranks_still_alive() {
+    let c = cluster(Options::default());
+    let bg = c.spawn_srun(&[
+        "-N1",
+        "-n2",
+        "-w",
+        "n1",
+        "--ml-container=demo",
+        "/bin/sh",
+        "-c",
+        "[ $RANK = 0 ] && exit 0; sleep 300",
+    ]);
+    wait_for(Duration::from_secs(30), || {
+        let q = c.run(1, &[], &["squeue", "-h", "-t", "R", "-o", "%i"]);
+        (q.stdout.trim() == "1").then_some(())
+    })
+    .expect("job 1 never ran");
+    std::thread::sleep(Duration::from_secs(3));
+    c.run(1, &[], &["scancel", "1"]).assert_ok();
+    bg.wait().assert_failed();
+    let rep = report(&c, 1, "n1", Duration::from_secs(10)).expect("report of the cancelled job");
+    let issues = rep["issues_found"].to_string();
+    assert!(
+        issues.contains("rank(s) 1 were still running when Slurm stopped the step")
+            && issues.contains("after the last task exit on n1 (rank 0, exit code 0)"),
+        "{rep}"
+    );
+    let d = c.run(1, &[], &["ml-container", "diagnose", "1"]);
+    let hang = d
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("hang:"))
+        .unwrap_or_else(|| panic!("no hang line: {d}"));
+    assert!(hang.contains("rank(s) 1 (n1) were still running"), "{hang}");
+    // About the 3 s the test waited before scancel (rank 0 needed a
+    // moment to end after the job showed as running).
+    let secs: f64 = hang
+        .split(" s after the step's last task exit")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no duration in {hang}"));
+    assert!((2.0..30.0).contains(&secs), "{hang}");
 }
