@@ -914,6 +914,7 @@ pub fn task_exit(host: &mut dyn Host) -> Result<(), PluginError> {
                  running on {node}",
                 outcome.rank
             ));
+            m.at_unix_ms = u64::try_from(now_ms()).ok();
             m
         });
     }

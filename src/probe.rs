@@ -203,6 +203,8 @@ pub struct MasterProbe {
     /// a node's first failure while other tasks of the step still ran).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_unix_ms: Option<u64>,
 }
 
 /// Whether `addr:port` accepts a TCP connection, the whole probe (name
@@ -267,6 +269,7 @@ where
         reachable: result.is_ok(),
         error: result.err(),
         when: None,
+        at_unix_ms: None,
     }
 }
 

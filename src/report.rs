@@ -315,11 +315,20 @@ impl Report {
                     .into(),
             );
         }
-        if let Some(m) = &self.node_state.master {
+        // The master rank failed here before the probe ran: that it did not
+        // answer says nothing more.
+        let master_gone = self.node_state.master.as_ref().is_some_and(|m| {
+            m.at_unix_ms.is_some_and(|at| {
+                self.tasks
+                    .iter()
+                    .any(|t| t.rank == 0 && t.failed() && t.failed_at_ms().is_some_and(|f| f <= at))
+            })
+        });
+        if let Some(m) = self.node_state.master.as_ref().filter(|_| !master_gone) {
             if !m.reachable {
                 issue(
                     format!(
-                        "MASTER_ADDR:MASTER_PORT ({}:{}) did not answer from {}{}",
+                        "{MASTER_ISSUE}({}:{}) did not answer from {}{}",
                         jobtext::field(&m.addr),
                         m.port,
                         self.node,
@@ -480,6 +489,9 @@ impl Report {
 
 /// See [`TaskOutcome::failed_at_ms`].
 pub const LAST_WORDS_MS: u64 = 2_000;
+
+/// How the master probe's issue starts.
+const MASTER_ISSUE: &str = "MASTER_ADDR:MASTER_PORT ";
 
 /// How the master probe's recommendation starts.
 const MASTER_POINTER: &str = "'ml-container diagnose ";
@@ -1074,13 +1086,21 @@ pub fn prune(dir: &Path, age: std::time::Duration, dry_run: bool) -> io::Result<
 /// hold job strings (paths, names), and a file the job's user owns may
 /// have been edited; nothing in it may move an admin's cursor.
 pub fn render(r: &Report) -> String {
-    render_in_job(r, false)
+    render_in_job(r, None)
 }
 
 /// [`render`] within `diagnose`'s merged view: where that view already
-/// names the first rank to fail (`first_known`), the master probe's
-/// pointer to it is left out.
-pub fn render_in_job(r: &Report, first_known: bool) -> String {
+/// names the first rank to fail (`first`: its rank and when it failed),
+/// the master probe's pointer to it is left out, and a probe made after
+/// that failure is not an issue of its own: the master may have ended
+/// because of it.
+pub fn render_in_job(r: &Report, first: Option<(u32, Option<u64>)>) -> String {
+    let first_known = first.is_some();
+    let probe_after_first = match (first, r.node_state.master.as_ref()) {
+        (Some((_, Some(f))), Some(m)) => m.at_unix_ms.is_none_or(|at| at >= f),
+        (Some((_, None)), Some(_)) => true,
+        _ => false,
+    };
     let f = |s: &str| jobtext::field(s);
     let mut s = String::new();
     s.push_str(&format!(
@@ -1120,13 +1140,20 @@ pub fn render_in_job(r: &Report, first_known: bool) -> String {
     }
     if let Some(m) = &r.node_state.master {
         s.push_str(&format!(
-            "  master {}:{} {}\n",
+            "  master {}:{} {}{}\n",
             f(&m.addr),
             m.port,
             if m.reachable {
                 "answered"
             } else {
                 "did not answer"
+            },
+            match first {
+                Some((rank, _)) if probe_after_first && !m.reachable => format!(
+                    " (probed after rank {rank} had failed: the master may have ended because \
+                     of it)"
+                ),
+                _ => String::new(),
             }
         ));
     }
@@ -1143,6 +1170,9 @@ pub fn render_in_job(r: &Report, first_known: bool) -> String {
         ));
     }
     for i in &r.issues_found {
+        if probe_after_first && i.starts_with(MASTER_ISSUE) {
+            continue;
+        }
         s.push_str(&format!("  issue: {}\n", f(i)));
     }
     for i in &r.recommendations {
@@ -1313,6 +1343,7 @@ mod tests {
             reachable: false,
             error: Some("refused".into()),
             when: Some("when rank 3 failed".into()),
+            at_unix_ms: None,
         });
         r.environment.remove("WORLD_SIZE");
         r.analyze(&Context {
@@ -1335,7 +1366,29 @@ mod tests {
         // diagnose, which names the first rank to fail, leaves the
         // pointer to itself out.
         assert!(text.contains("fix:   'ml-container diagnose 5'"), "{text}");
-        assert!(!render_in_job(&r, true).contains("fix:   'ml-container diagnose"));
+        assert!(!render_in_job(&r, Some((3, None))).contains("fix:   'ml-container diagnose"));
+        // Probed after the first failure: not an issue in diagnose.
+        let mut late = r.clone();
+        if let Some(m) = late.node_state.master.as_mut() {
+            m.at_unix_ms = Some(9_000);
+        }
+        let text = render_in_job(&late, Some((1, Some(8_000))));
+        assert!(!text.contains("issue: MASTER_ADDR"), "{text}");
+        assert!(
+            text.contains("did not answer (probed after rank 1 had failed"),
+            "{text}"
+        );
+        let text = render_in_job(&late, Some((1, Some(9_500))));
+        assert!(text.contains("issue: MASTER_ADDR"), "{text}");
+        // Rank 0 failed here before the probe: no master issue at all.
+        let mut r0 = report(vec![ended(0, 0, 1 << 8, 5_000), ended(1, 1, 1 << 8, 5_200)]);
+        r0.node_state.master = late.node_state.master.clone();
+        r0.analyze(&Context::default());
+        assert!(
+            !r0.issues_found.iter().any(|i| i.contains("did not answer")),
+            "{:?}",
+            r0.issues_found
+        );
     }
 
     fn ended(rank: u32, local: u32, status: i32, at: u64) -> TaskOutcome {

@@ -639,6 +639,9 @@ fn diagnose_names_the_rank_that_raised_first() {
 
     let d = c.run(1, &[], &["ml-container", "diagnose", "1"]);
     d.assert_ok();
+    if std::env::var_os("MLC_SHOW_DIAGNOSE").is_some() {
+        eprintln!("{}", d.stdout);
+    }
     let out = &d.stdout;
     assert!(
         out.contains("first to fail: rank 1 on n1: exit code 1"),
@@ -656,6 +659,12 @@ fn diagnose_names_the_rank_that_raised_first() {
             .unwrap_or_else(|| panic!("no line for rank {rank}: {d}"));
         assert!(line.contains("stopped after rank 1 failed"), "{line}\n{d}");
     }
+    // A master probe made after rank 1 had failed is no issue of its own.
+    assert!(
+        !out.lines()
+            .any(|l| l.contains("issue:") && l.contains("did not answer")),
+        "{d}"
+    );
     let advice: Vec<&str> = out.lines().filter(|l| l.contains("fix:")).collect();
     assert!(
         advice

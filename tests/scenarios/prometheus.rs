@@ -240,3 +240,49 @@ fn node_exporter_serves_what_the_jobs_did() {
         );
     }
 }
+
+/// The Grafana dashboard (packaging/grafana/) is JSON whose every query
+/// parses as PromQL (`promtool check rules`, with Grafana's variables
+/// given values), over the metric names this plugin writes.
+#[test]
+fn the_grafana_dashboard_queries_parse_and_use_our_metrics() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/packaging/grafana/slurm-ml-container.json"
+    );
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("dashboard")).expect("JSON");
+    let mut rules = String::from("groups:\n- name: dashboard\n  rules:\n");
+    let mut n = 0;
+    for p in dash["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().expect("targets") {
+            let e = t["expr"]
+                .as_str()
+                .expect("expr")
+                .replace("$__rate_interval", "5m")
+                .replace("$__range", "1d")
+                .replace("$image", ".*")
+                .replace("$instance", ".*");
+            assert!(e.contains("ml_container_"), "{e}");
+            n += 1;
+            rules.push_str(&format!(
+                "  - record: dashboard:q{n}\n    expr: {}\n",
+                serde_json::Value::String(e)
+            ));
+        }
+    }
+    let file = std::env::temp_dir().join(format!("mlc-dashboard-{}.yml", std::process::id()));
+    std::fs::write(&file, rules).expect("write rules");
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool (Debian package prometheus)");
+    let _ = std::fs::remove_file(&file);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(&format!("SUCCESS: {n} rules found")),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

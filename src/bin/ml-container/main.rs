@@ -247,7 +247,10 @@ fn diagnose(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
                 print!("{}", report::render_timeline(&t));
                 println!();
                 for r in &of_step {
-                    print!("{}", report::render_in_job(r, t.first.is_some()));
+                    let first = t
+                        .first
+                        .map(|i| (t.ranks[i].task.rank, t.ranks[i].task.failed_at_ms()));
+                    print!("{}", report::render_in_job(r, first));
                 }
                 println!();
             }
