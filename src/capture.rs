@@ -51,7 +51,7 @@ pub fn step_dir_name(job: u32, step: u32, node: &str) -> String {
 }
 
 /// Opens a directory without following a symlink at its last component.
-fn open_dir(path: &Path) -> io::Result<File> {
+pub(crate) fn open_dir(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
@@ -63,7 +63,7 @@ fn open_dir(path: &Path) -> io::Result<File> {
 /// one the descriptor holds, whatever happened to its path since, and
 /// O_NOFOLLOW applies to `name`. (The standard library has no openat, and
 /// this crate's safe modules have no raw-fd ownership.)
-fn at(dir: &File, name: &str) -> PathBuf {
+pub(crate) fn at(dir: &File, name: &str) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}/{name}", dir.as_raw_fd()))
 }
 

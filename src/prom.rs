@@ -31,6 +31,7 @@ use nix::sys::stat::{mkdirat, Mode};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 use serde::{Deserialize, Serialize};
 
+use crate::capture::{at, open_dir};
 use crate::registry::{Pin, Source};
 use crate::report::{signal_name, TaskOutcome};
 
@@ -342,19 +343,6 @@ impl std::fmt::Display for PromError {
             ),
         }
     }
-}
-
-fn open_dir(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-}
-
-/// `name` in the directory open as `dir`, resolved through the descriptor
-/// (see `capture::at`).
-fn at(dir: &File, name: &str) -> PathBuf {
-    PathBuf::from(format!("/proc/self/fd/{}/{name}", dir.as_raw_fd()))
 }
 
 /// Writes `text` as `name` in the open `dir` (path `dir_path`): a new
