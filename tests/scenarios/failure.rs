@@ -892,3 +892,62 @@ fn a_hang_names_the_ranks_still_alive() {
         .unwrap_or_else(|| panic!("no duration in {hang}"));
     assert!((2.0..30.0).contains(&secs), "{hang}");
 }
+
+/// Issue 14 with real torch: `torchrun` (the step's one task) runs two
+/// workers; worker 1 raises inside `@record`; torchrun's own `@record`
+/// copies the worker's error file to the TORCHELASTIC_ERROR_FILE the
+/// plugin gave the task, and the report carries it. Needs the PyTorch
+/// image of branch pt (`harness::pytorch_image()`); until that is merged it
+/// runs by hand with MLC_PYTORCH_SIF=/path/to/pytorch.sif (passed on
+/// 2026-11-30 with the image pt cached).
+#[test]
+#[ignore = "needs the PyTorch image (branch pt): MLC_PYTORCH_SIF=... cargo test -- --ignored"]
+fn a_real_torchrun_worker_error_is_in_the_report() {
+    let sif = std::env::var("MLC_PYTORCH_SIF").expect("MLC_PYTORCH_SIF: a PyTorch SIF");
+    let c = Cluster::start_with(
+        Slurm::V24_11,
+        Options::default().copy(
+            std::path::Path::new(&sif),
+            "/opt/containers/ml-frameworks/pytorch.sif",
+        ),
+    );
+    c.write(
+        "/home/mluser/rec.py",
+        "import os, time\n\
+         from torch.distributed.elastic.multiprocessing.errors import record\n\
+         @record\n\
+         def main():\n    \
+             if int(os.environ['RANK']) == 1:\n        \
+                 raise RuntimeError('worker 1: loss is NaN at step 7')\n    \
+             time.sleep(3)\n\
+         main()\n",
+        0o644,
+    );
+    let r = c.srun_env(
+        &[("USE_LIBUV", "0")],
+        &[
+            "-w",
+            "n1",
+            "--ml-container=pytorch",
+            "torchrun",
+            "--standalone",
+            "--nproc-per-node=2",
+            "/home/mluser/rec.py",
+        ],
+    );
+    assert_eq!(r.code, Some(1), "{r}");
+    let rep = report(&c, 1, "n1", Duration::from_secs(10)).expect("report");
+    let e = &rep["tasks"][0]["torch_error"];
+    assert_eq!(e["error_type"], "RuntimeError", "{rep}");
+    assert_eq!(
+        e["message"], "RuntimeError: worker 1: loss is NaN at step 7",
+        "{rep}"
+    );
+    assert!(e["traceback"].to_string().contains("in main"), "{rep}");
+    let d = c.run(1, &[], &["ml-container", "diagnose", "1"]);
+    assert!(
+        d.stdout
+            .contains("error (TorchElastic): RuntimeError: worker 1: loss is NaN at step 7"),
+        "{d}"
+    );
+}
