@@ -385,6 +385,47 @@ pub struct FailureConfig {
     pub syslog: bool,
     /// Seconds each node probe (nvidia-smi, master reachability) may take.
     pub probe_timeout: u32,
+    /// Bytes of each task's stderr tail kept for the report (0 = off): the
+    /// launcher copies the task's stderr through a pipe and keeps the last
+    /// bytes (the output itself is unchanged).
+    pub capture_stderr: u32,
+    /// node_exporter's textfile-collector directory ("" = off): each node
+    /// keeps `ml-container.prom` there.
+    pub prometheus_dir: OptAbsPath,
+}
+
+/// An absolute path, or "" for off.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OptAbsPath(pub Option<PathBuf>);
+
+impl OptAbsPath {
+    pub fn as_path(&self) -> Option<&Path> {
+        self.0.as_deref()
+    }
+}
+
+impl<'de> Deserialize<'de> for OptAbsPath {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.is_empty() {
+            Ok(OptAbsPath(None))
+        } else if s.starts_with('/') {
+            Ok(OptAbsPath(Some(PathBuf::from(s))))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "'{s}' is not an absolute path; give one, or \"\" for off"
+            )))
+        }
+    }
+}
+
+impl Serialize for OptAbsPath {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.0 {
+            Some(p) => s.serialize_str(&p.to_string_lossy()),
+            None => s.serialize_str(""),
+        }
+    }
 }
 
 impl Default for FailureConfig {
@@ -394,6 +435,8 @@ impl Default for FailureConfig {
             metrics_log: AbsPath(PathBuf::from("/var/log/slurm/job_metrics.log")),
             syslog: true,
             probe_timeout: 5,
+            capture_stderr: 65536,
+            prometheus_dir: OptAbsPath(None),
         }
     }
 }

@@ -299,6 +299,19 @@ pub struct LaunchSpec {
     /// Who this task is, for the line printed when it fails.
     #[serde(default)]
     pub task: Option<TaskLabel>,
+    /// Keep the tail of the task's stderr for its failure report.
+    #[serde(default)]
+    pub capture: Option<StderrCapture>,
+}
+
+/// Where and how much of a task's stderr the launcher keeps: it copies
+/// every byte through as it arrives and, when the task fails, leaves the
+/// last `bytes` in `file` (in the step directory root made for the user,
+/// [`crate::capture`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StderrCapture {
+    pub file: PathBuf,
+    pub bytes: u32,
 }
 
 /// The task as the failure notice names it.
@@ -567,6 +580,10 @@ mod tests {
             in_image: true,
             can_probe: false,
             task: Some(label()),
+            capture: Some(StderrCapture {
+                file: "/run/slurm-ml-container/6.0.n1/stderr.1".into(),
+                bytes: 65536,
+            }),
         };
         assert_eq!(LaunchSpec::decode(&spec.encode()).unwrap(), spec);
         // A spec of an older plugin (only prefix and command) still runs.

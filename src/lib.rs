@@ -12,6 +12,7 @@
 //! a new module cannot forget to forbid it.
 #![deny(unsafe_code)]
 
+pub mod capture;
 pub mod catalog;
 pub mod catalog_index;
 pub mod catalog_write;
@@ -25,6 +26,7 @@ pub mod node_cache;
 pub mod options;
 pub mod plugin;
 pub mod probe;
+pub mod prom;
 pub mod recipe;
 pub mod registry;
 pub mod report;

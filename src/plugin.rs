@@ -11,12 +11,14 @@ use std::fmt;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use crate::capture::{self, StepDir};
 use crate::config::{ConfigError, PlugstackArgs, RuntimeKind, SiteConfig};
 use crate::distenv::{self, DistError, TaskFacts, BATCH_STEP};
 use crate::integrity::{self, IntegrityError, Verified};
 use crate::launch::{self, LaunchError, Plan};
 use crate::options::{OptionError, OptionId, OptionSpec, UserOptions, OPTIONS};
-use crate::probe;
+use crate::probe::{self, MasterProbe};
+use crate::prom;
 use crate::registry::{self, Opened, Pin, Registry, RegistryError, UserCheck, PIN_ENV};
 use crate::report::{self, ImageInfo, NodeState, Report, TaskOutcome};
 use crate::secure;
@@ -207,6 +209,17 @@ struct State {
     started_ms: u128,
     oom_at_start: Option<u64>,
     outcomes: Vec<TaskOutcome>,
+    /// On a node: the step's directory for what failed tasks leave root
+    /// (stderr tails, TorchElastic error files), when it could be made.
+    step_dir: Option<StepDir>,
+    /// On a node: when each local task was forked (rank, unix ms).
+    task_starts: Vec<(u32, u64)>,
+    /// On a node: the master probe made at the node's first failure while
+    /// other local tasks still ran (issue 14: a probe after every rank has
+    /// exited tells nothing).
+    master_probe: Option<MasterProbe>,
+    /// On a node: how long the plugin's node-side preparation took (ms).
+    prepare_ms: u64,
 }
 
 impl State {
@@ -227,6 +240,10 @@ impl State {
             started_ms: 0,
             oom_at_start: None,
             outcomes: Vec::new(),
+            step_dir: None,
+            task_starts: Vec::new(),
+            master_probe: None,
+            prepare_ms: 0,
         }
     }
 }
@@ -336,13 +353,18 @@ pub fn init_post_opt(host: &mut dyn Host) -> Result<(), PluginError> {
                 // containerized; their srun steps are.
                 return Ok(());
             }
+            let began = now_ms();
             let outcome = config
                 .map_err(|e| PluginError::Config(format!("on this node: {e}")))
                 .and_then(|config| prepare_on_node(host, &config, &st.options));
             st.started_ms = now_ms();
+            st.prepare_ms = u64::try_from(st.started_ms.saturating_sub(began)).unwrap_or(0);
             st.oom_at_start = probe::oom_kills();
             match outcome {
-                Ok(plan) => st.plan = Some(plan),
+                Ok(plan) => {
+                    st.step_dir = make_step_dir(host, step);
+                    st.plan = Some(plan);
+                }
                 Err(e) => {
                     let msg = format!("node {}: {e}", hostname());
                     log::error!("{msg}");
@@ -353,6 +375,36 @@ pub fn init_post_opt(host: &mut dyn Host) -> Result<(), PluginError> {
         }
         _ => Ok(()),
     }
+}
+
+/// On a node, as root, before any task starts: the step's directory for
+/// what failed tasks leave the report ([`capture`]). Without it the report
+/// has no stderr tail; the step runs all the same.
+fn make_step_dir(host: &dyn Host, step: u32) -> Option<StepDir> {
+    let (uid, gid) = host.job_ids()?;
+    let name = capture::step_dir_name(host.job_id().unwrap_or(0), step, &hostname());
+    match StepDir::create(std::path::Path::new(capture::BASE), &name, uid, gid) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            log::warn!("{e}");
+            None
+        }
+    }
+}
+
+/// `slurm_spank_task_post_fork`, in slurmstepd (root) after each task is
+/// forked: its start time for the report.
+pub fn task_post_fork(host: &mut dyn Host) -> Result<(), PluginError> {
+    fault_injection(host, "task_post_fork");
+    let mut st = state();
+    if st.plan.is_none() {
+        return Ok(());
+    }
+    if let Some(rank) = host.task_global_id() {
+        let now = u64::try_from(now_ms()).unwrap_or(u64::MAX);
+        st.task_starts.push((rank, now));
+    }
+    Ok(())
 }
 
 /// Step ids from here up are Slurm's pseudo steps (SLURM_BATCH_SCRIPT
@@ -725,6 +777,13 @@ pub fn task_init(host: &mut dyn Host) -> Result<(), PluginError> {
         launch::step_has_gpus(&|k| host.getenv(k)),
     );
     add_mpi_binds(&mut plan, config, host);
+    let rank = host.task_global_id().unwrap_or(0);
+    let capture = st
+        .step_dir
+        .as_ref()
+        .map(|d| prepare_capture(host, config, &mut plan, d, rank))
+        .transpose()?
+        .flatten();
     check_as_user(&plan, &hostname())?;
     // The command: a bare name the user typed is looked up in the image.
     let task_argv = host.job_argv().unwrap_or_default();
@@ -764,10 +823,51 @@ pub fn task_init(host: &mut dyn Host) -> Result<(), PluginError> {
             node: hostname(),
             image: pin.display_name(),
         }),
+        capture,
     };
     host.set_job_env(launch::LAUNCH_ENV, &spec.encode())?;
     host.set_argv0(&launcher.to_string_lossy())?;
     Ok(())
+}
+
+/// What a task leaves its report, in the step directory: the launcher's
+/// stderr tail (`failure.capture_stderr` bytes, 0 = none) and, for
+/// Apptainer and Singularity, TorchElastic's error file: the plugin sets
+/// `TORCHELASTIC_ERROR_FILE` (and the runtime's prefixed copy) unless the
+/// user set it, and binds the step directory into the container at the
+/// same path so that torch, inside, can write it.
+fn prepare_capture(
+    host: &mut dyn Host,
+    config: &SiteConfig,
+    plan: &mut Plan,
+    dir: &StepDir,
+    rank: u32,
+) -> Result<Option<launch::StderrCapture>, PluginError> {
+    const TORCH_ENV: &str = "TORCHELASTIC_ERROR_FILE";
+    if let Some(prefix) = runtime_env_prefix(config.runtime.kind) {
+        if host.getenv(TORCH_ENV).is_none() {
+            let file = dir.path.join(capture::torch_error_name(rank));
+            let file = file.to_string_lossy();
+            host.set_job_env(TORCH_ENV, &file)?;
+            let prefixed = format!("{prefix}{TORCH_ENV}");
+            if host.getenv(&prefixed).is_none() {
+                host.set_job_env(&prefixed, &file)?;
+            }
+            if !plan.binds.iter().any(|b| b.dst == dir.path) {
+                plan.binds.push(crate::options::Mount {
+                    src: dir.path.clone(),
+                    dst: dir.path.clone(),
+                    read_only: false,
+                });
+            }
+        }
+    }
+    Ok(
+        (config.failure.capture_stderr > 0).then(|| launch::StderrCapture {
+            file: dir.path.join(capture::stderr_name(rank)),
+            bytes: config.failure.capture_stderr,
+        }),
+    )
 }
 
 /// `srun --mpi=pmix`: Slurm's PMIx server directory (and munge's socket
@@ -866,6 +966,10 @@ pub fn task_exit(host: &mut dyn Host) -> Result<(), PluginError> {
         started_ms,
         oom_at_start,
         outcomes,
+        step_dir,
+        task_starts,
+        master_probe,
+        prepare_ms,
         ..
     } = &mut *guard;
     let (Some(Ok(config)), Some((pin, plan))) = (config.as_ref(), plan.as_ref()) else {
@@ -874,11 +978,17 @@ pub fn task_exit(host: &mut dyn Host) -> Result<(), PluginError> {
     let Some(status) = host.task_exit_status() else {
         return Ok(());
     };
-    let outcome = TaskOutcome::from_wait_status(
+    let mut outcome = TaskOutcome::from_wait_status(
         host.task_global_id().unwrap_or(u32::MAX),
         host.task_local_id().unwrap_or(u32::MAX),
         status,
     );
+    let ended = now_ms();
+    outcome.ended_unix_ms = u64::try_from(ended).ok();
+    outcome.started_unix_ms = task_starts
+        .iter()
+        .find(|(r, _)| *r == outcome.rank)
+        .map(|(_, t)| *t);
     let job = host.job_id().unwrap_or(0);
     let step = host.step_id().unwrap_or(0);
     let node = hostname();
@@ -888,7 +998,7 @@ pub fn task_exit(host: &mut dyn Host) -> Result<(), PluginError> {
         &node,
         &pin.display_name(),
         &outcome,
-        now_ms().saturating_sub(*started_ms),
+        ended.saturating_sub(*started_ms),
     );
     if let Err(e) = report::append_line(config.failure.metrics_log.as_path(), &line) {
         log::warn!(
@@ -904,36 +1014,114 @@ pub fn task_exit(host: &mut dyn Host) -> Result<(), PluginError> {
             pin.display_name()
         ));
     }
+    if outcome.failed() {
+        if let Some(d) = step_dir.as_ref() {
+            let cap = usize::try_from(config.failure.capture_stderr).unwrap_or(0);
+            if cap > 0 {
+                if let Some(f) = d.read(&capture::stderr_name(outcome.rank), cap) {
+                    outcome.stderr_tail = capture::tail_lines(&f.bytes, capture::TAIL_LINES);
+                    outcome.last_stderr_unix_ms = f.modified_unix_ms;
+                }
+            }
+            outcome.torch_error = d
+                .read(
+                    &capture::torch_error_name(outcome.rank),
+                    capture::TORCH_ERROR_CAP,
+                )
+                .and_then(|f| capture::parse_torch_error(&f.bytes));
+        }
+    }
+    let local_tasks = host.local_task_count();
+    let still_running = local_tasks.map_or(0, |n| (n as usize).saturating_sub(outcomes.len() + 1));
+    // The master probe where it can tell something: at this node's first
+    // failure of its own (not a stop by Slurm), while other tasks of the
+    // step still run here. Never after every local rank has exited.
+    let options_dist = options.dist.unwrap_or(config.distributed.enabled);
+    if outcome.failed()
+        && !report::stopped_by_slurm(&outcome)
+        && master_probe.is_none()
+        && !outcomes.iter().any(TaskOutcome::failed)
+        && still_running > 0
+        && options_dist
+    {
+        *master_probe = probe_own_master(host, config).map(|mut m| {
+            m.when = Some(format!(
+                "when rank {} failed, with {still_running} other task(s) of the step still \
+                 running on {node}",
+                outcome.rank
+            ));
+            m.at_unix_ms = u64::try_from(now_ms()).ok();
+            m
+        });
+    }
     outcomes.push(outcome);
-    let all_done = host
-        .local_task_count()
-        .is_none_or(|n| outcomes.len() >= n as usize);
-    if !all_done || !outcomes.iter().any(TaskOutcome::failed) {
+    let all_done = local_tasks.is_none_or(|n| outcomes.len() >= n as usize);
+    if !all_done {
         return Ok(());
     }
-    let dist = options.dist.unwrap_or(config.distributed.enabled);
-    let rep = build_report(
-        host,
-        config,
-        pin,
-        plan,
-        outcomes,
-        *started_ms,
-        *oom_at_start,
-        dist,
-    );
-    let Some((uid, gid)) = host.job_ids() else {
-        log::error!("no job uid/gid from Slurm: not writing the failure report");
-        return Ok(());
-    };
-    match rep.write(config.failure.report_dir.as_path(), uid, gid) {
-        Ok(path) => log::info!("failure report: {}", path.display()),
-        Err(e) => log::error!(
-            "cannot write the failure report under {}: {e}",
-            config.failure.report_dir.as_path().display()
-        ),
+    if let Some(dir) = config.failure.prometheus_dir.as_path() {
+        let step_ms = u64::try_from(now_ms().saturating_sub(*started_ms)).unwrap_or(u64::MAX);
+        let oom = probe::step_oom_kills(job, step)
+            .map(|(_, o)| o.total)
+            .or_else(|| match (*oom_at_start, probe::oom_kills()) {
+                (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+                _ => None,
+            })
+            .unwrap_or(0);
+        let sample = prom::StepSample {
+            image: prom::image_label(pin),
+            tasks: outcomes.iter().map(prom::exit_class).collect(),
+            oom_kills: oom,
+            step_ms,
+            prepare_ms: *prepare_ms,
+        };
+        if let Err(e) = prom::record(dir, &sample) {
+            log::warn!("Prometheus metrics not updated: {e}");
+        }
+    }
+    if outcomes.iter().any(TaskOutcome::failed) {
+        let rep = build_report(
+            host,
+            config,
+            pin,
+            plan,
+            outcomes,
+            *started_ms,
+            *oom_at_start,
+            options_dist,
+            master_probe.clone(),
+        );
+        match host.job_ids() {
+            None => log::error!("no job uid/gid from Slurm: not writing the failure report"),
+            Some((uid, gid)) => match rep.write(config.failure.report_dir.as_path(), uid, gid) {
+                Ok(path) => log::info!("failure report: {}", path.display()),
+                Err(e) => log::error!(
+                    "cannot write the failure report under {}: {e}",
+                    config.failure.report_dir.as_path().display()
+                ),
+            },
+        }
+    }
+    if let Some(d) = step_dir.take() {
+        d.remove();
     }
     Ok(())
+}
+
+/// The plugin's own MASTER_ADDR:MASTER_PORT (Slurm's step facts and the
+/// site config, never the job environment: issue 10, L5), probed within
+/// `failure.probe_timeout`.
+fn probe_own_master(host: &dyn Host, config: &SiteConfig) -> Option<MasterProbe> {
+    let timeout = std::time::Duration::from_secs(u64::from(config.failure.probe_timeout));
+    let mut by_name = config.clone();
+    by_name.distributed.addr = crate::config::AddrKind::Hostname;
+    let get = |k: &str| host.getenv(k);
+    let vars = distenv::facts_for(&get, None)
+        .and_then(|f| distenv::contract(&by_name, &f))
+        .ok()?;
+    let val = |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let port = val("MASTER_PORT")?.parse().ok()?;
+    Some(probe::probe_master(&val("MASTER_ADDR")?, port, timeout))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -946,6 +1134,7 @@ fn build_report(
     started_ms: u128,
     oom_at_start: Option<u64>,
     dist: bool,
+    master: Option<MasterProbe>,
 ) -> Report {
     let timeout = std::time::Duration::from_secs(u64::from(config.failure.probe_timeout));
     let get = |k: &str| host.getenv(k);
@@ -979,15 +1168,6 @@ fn build_report(
             (k.clone(), v)
         })
         .collect();
-    // The probe goes only to the plugin's own MASTER_ADDR:MASTER_PORT
-    // (issue 10, L5): root never connects where the job environment says.
-    let master = match (contract.get("MASTER_ADDR"), contract.get("MASTER_PORT")) {
-        (Some(a), Some(p)) => p
-            .parse()
-            .ok()
-            .map(|port| probe::probe_master(a, port, timeout)),
-        _ => None,
-    };
     // Read at the end only: the step's cgroup is made for the step, so its
     // counter started at zero (and slurmstepd may join it after spank_init).
     let step_oom = probe::step_oom_kills(host.job_id().unwrap_or(0), host.step_id().unwrap_or(0));

@@ -199,6 +199,12 @@ pub struct MasterProbe {
     pub port: u16,
     pub reachable: bool,
     pub error: Option<String>,
+    /// When the probe ran (issue 14: only where it can tell something, at
+    /// a node's first failure while other tasks of the step still ran).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_unix_ms: Option<u64>,
 }
 
 /// Whether `addr:port` accepts a TCP connection, the whole probe (name
@@ -262,6 +268,8 @@ where
         port,
         reachable: result.is_ok(),
         error: result.err(),
+        when: None,
+        at_unix_ms: None,
     }
 }
 

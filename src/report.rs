@@ -45,6 +45,21 @@ pub struct TaskOutcome {
     pub local_id: u32,
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
+    /// When slurmstepd forked the task and when it ended (unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_unix_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_unix_ms: Option<u64>,
+    /// When the task last wrote to stderr (with `failure.capture_stderr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_stderr_unix_ms: Option<u64>,
+    /// The last lines the task wrote to stderr (failed tasks, with
+    /// `failure.capture_stderr`), escaped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stderr_tail: Vec<String>,
+    /// TorchElastic's structured error, where the task wrote one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torch_error: Option<crate::capture::TorchError>,
 }
 
 impl TaskOutcome {
@@ -60,11 +75,29 @@ impl TaskOutcome {
             local_id,
             exit_code,
             signal,
+            started_unix_ms: None,
+            ended_unix_ms: None,
+            last_stderr_unix_ms: None,
+            stderr_tail: Vec::new(),
+            torch_error: None,
         }
     }
 
     pub fn failed(&self) -> bool {
         self.signal.is_some() || self.exit_code.is_some_and(|c| c != 0)
+    }
+
+    /// When the task failed, as near as the plugin can tell: its last
+    /// stderr output when that came within [`LAST_WORDS_MS`] of its end (a
+    /// traceback or error message is written just before a program exits,
+    /// while the runtime's teardown after the payload takes a varying
+    /// while, so end times alone misorder ranks that fail within it), else
+    /// its end.
+    pub fn failed_at_ms(&self) -> Option<u64> {
+        match (self.ended_unix_ms, self.last_stderr_unix_ms) {
+            (Some(e), Some(l)) if l <= e && e - l <= LAST_WORDS_MS => Some(l),
+            (e, _) => e,
+        }
     }
 
     pub fn describe(&self) -> String {
@@ -74,6 +107,15 @@ impl TaskOutcome {
             (None, None) => "unknown".to_string(),
         }
     }
+}
+
+/// Whether a task ended by a signal Slurm sends every task of a step it
+/// stops (scancel, time limit, srun's Ctrl-C, --kill-on-bad-exit): such a
+/// task did not fail on its own. (An OOM kill is also a SIGKILL: see
+/// [`Report::oom_killed`].)
+pub fn stopped_by_slurm(t: &TaskOutcome) -> bool {
+    t.signal
+        .is_some_and(|s| [libc::SIGTERM, libc::SIGKILL, libc::SIGINT, libc::SIGHUP].contains(&s))
 }
 
 pub fn signal_name(sig: i32) -> &'static str {
@@ -165,6 +207,7 @@ impl Report {
     /// Fills `issues_found` and `recommendations` from the outcome and the
     /// node state: the checks seed 002 §5.5.4 asks for.
     pub fn analyze(&mut self, ctx: &Context) {
+        let hang = self.hang_note();
         let mut issue = |i: String, r: String| {
             if !self.issues_found.contains(&i) {
                 self.issues_found.push(i);
@@ -262,16 +305,43 @@ impl Report {
                 (None, None) => {}
             }
         }
-        if let Some(m) = &self.node_state.master {
+        if let Some(h) = hang {
+            issue(
+                h,
+                "a rank blocked in a collective after another stopped making progress holds \
+                 the whole allocation: set a collective timeout (init_process_group(timeout=...), \
+                 NCCL_ASYNC_ERROR_HANDLING / TORCH_NCCL_ASYNC_ERROR_HANDLING) and look at the \
+                 ranks that ended first"
+                    .into(),
+            );
+        }
+        // The master rank failed here before the probe ran: that it did not
+        // answer says nothing more.
+        let master_gone = self.node_state.master.as_ref().is_some_and(|m| {
+            m.at_unix_ms.is_some_and(|at| {
+                self.tasks
+                    .iter()
+                    .any(|t| t.rank == 0 && t.failed() && t.failed_at_ms().is_some_and(|f| f <= at))
+            })
+        });
+        if let Some(m) = self.node_state.master.as_ref().filter(|_| !master_gone) {
             if !m.reachable {
                 issue(
                     format!(
-                        "MASTER_ADDR:MASTER_PORT ({}:{}) did not answer from {}",
+                        "{MASTER_ISSUE}({}:{}) did not answer from {}{}",
                         jobtext::field(&m.addr),
                         m.port,
-                        self.node
+                        self.node,
+                        m.when
+                            .as_ref()
+                            .map(|w| format!(" {}", jobtext::field(w)))
+                            .unwrap_or_default()
                     ),
-                    "rank 0 probably failed or never listened: look at rank 0's report and output first".into(),
+                    format!(
+                        "{MASTER_POINTER}{}' names the first rank to fail: start there (when it \
+                         is not rank 0, the master may have ended because of it)",
+                        self.job_id
+                    ),
                 );
             }
         }
@@ -302,6 +372,70 @@ impl Report {
                 "check the node's GPU driver ('nvidia-smi' on the node) and the gres.conf".into(),
             );
         }
+    }
+
+    /// Whether the OOM killer hit this task: its own task cgroup counted a
+    /// kill, or (without per-task cgroups) it died of SIGKILL while the
+    /// step's cgroup, else the node, counted one.
+    pub fn oom_killed(&self, t: &TaskOutcome) -> bool {
+        let ns = &self.node_state;
+        if t.signal != Some(libc::SIGKILL) {
+            return false;
+        }
+        match (
+            ns.oom_kills_by_local_task.get(&t.local_id),
+            ns.oom_kills_in_step_cgroup,
+        ) {
+            (Some(n), _) => *n > 0,
+            (None, Some(n)) => n > 0,
+            (None, None) => ns.oom_kills_during_step.is_some_and(|n| n > 0),
+        }
+    }
+
+    /// This node's tasks stopped by Slurm while others had already ended
+    /// on their own: which ranks were still alive, and for how long after
+    /// the last exit (a hung collective looks like this).
+    fn hang_note(&self) -> Option<String> {
+        let stopped: Vec<&TaskOutcome> = self
+            .tasks
+            .iter()
+            .filter(|t| stopped_by_slurm(t) && !self.oom_killed(t))
+            .collect();
+        let stop_at = stopped.iter().filter_map(|t| t.ended_unix_ms).min()?;
+        let own = |t: &&TaskOutcome| !stopped_by_slurm(t) || self.oom_killed(t);
+        let ranks = stopped
+            .iter()
+            .map(|t| t.rank.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let last = self
+            .tasks
+            .iter()
+            .filter(own)
+            .filter_map(|t| t.ended_unix_ms.map(|e| (e, t)))
+            .filter(|(e, _)| *e <= stop_at)
+            .max_by_key(|(e, _)| *e);
+        if let Some((e, t)) = last {
+            // Stopped right after a rank failed: that failure explains it.
+            if t.failed() && stop_at.saturating_sub(e) < HANG_AFTER_MS {
+                return None;
+            }
+        }
+        Some(match last {
+            Some((e, t)) => format!(
+                "rank(s) {ranks} were still running when Slurm stopped the step, {} after the \
+                 last task exit on {} (rank {}, {})",
+                fmt_ms(stop_at.saturating_sub(e)),
+                self.node,
+                t.rank,
+                t.describe()
+            ),
+            None => format!(
+                "rank(s) {ranks} were still running when Slurm stopped the step; no task of the \
+                 step had ended on {} before",
+                self.node
+            ),
+        })
     }
 
     /// `<dir>/<job id>/<step id>.<node>.json`
@@ -351,6 +485,256 @@ impl Report {
         job_dir.sync_all()?;
         Ok(job_path.join(name))
     }
+}
+
+/// See [`TaskOutcome::failed_at_ms`].
+pub const LAST_WORDS_MS: u64 = 2_000;
+
+/// How the master probe's issue starts.
+const MASTER_ISSUE: &str = "MASTER_ADDR:MASTER_PORT ";
+
+/// How the master probe's recommendation starts.
+const MASTER_POINTER: &str = "'ml-container diagnose ";
+
+/// A rank that ends within this long after the first failure was stopped
+/// by it; one that Slurm stops later than this after the last exit had
+/// stopped making progress (a hang).
+pub const STOPPED_AFTER_MS: u64 = 120_000;
+pub const HANG_AFTER_MS: u64 = 60_000;
+
+/// `1.234 s`, `3 min 20 s`, `2 h 5 min`.
+pub fn fmt_ms(ms: u64) -> String {
+    match ms {
+        0..=59_999 => format!("{}.{:03} s", ms / 1000, ms % 1000),
+        60_000..=3_599_999 => format!("{} min {} s", ms / 60_000, ms % 60_000 / 1000),
+        _ => format!("{} h {} min", ms / 3_600_000, ms % 3_600_000 / 60_000),
+    }
+}
+
+/// How one rank of a step ended, seen across every node's report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The first rank to fail on its own.
+    First,
+    /// Failed within [`STOPPED_AFTER_MS`] after the first (its collective
+    /// lost a peer) or was signalled by Slurm: not an independent failure.
+    StoppedAfter {
+        rank: u32,
+        after_ms: Option<u64>,
+    },
+    /// Stopped by Slurm (scancel, time limit) while no rank had failed.
+    StoppedBySlurm,
+    /// Failed on its own, long after the first failure.
+    FailedLater {
+        after_ms: Option<u64>,
+    },
+    Succeeded,
+}
+
+/// One rank in the merged view.
+#[derive(Clone, Debug)]
+pub struct RankView<'a> {
+    pub node: &'a str,
+    pub task: &'a TaskOutcome,
+    pub oom_killed: bool,
+    pub verdict: Verdict,
+}
+
+/// The merged view of a step's reports: every rank the reports name, in
+/// the order they ended, and what ended the step.
+#[derive(Clone, Debug)]
+pub struct Timeline<'a> {
+    pub job_id: u32,
+    pub step_id: u32,
+    pub ranks: Vec<RankView<'a>>,
+    /// Index into `ranks` of the first rank to fail on its own.
+    pub first: Option<usize>,
+    /// A hang: Slurm stopped ranks that were still running long after the
+    /// last rank ended (or with none ended), in words.
+    pub hang: Option<String>,
+}
+
+/// How a task ended, with an OOM kill named.
+pub fn how(t: &TaskOutcome, oom_killed: bool) -> String {
+    if oom_killed {
+        "killed by the kernel's OOM killer (SIGKILL)".to_string()
+    } else {
+        t.describe()
+    }
+}
+
+/// Merges the reports of one step (one per node that had a failure).
+pub fn timeline<'a>(reports: &[&'a Report]) -> Timeline<'a> {
+    let mut ranks: Vec<RankView<'a>> = reports
+        .iter()
+        .flat_map(|r| {
+            r.tasks.iter().map(move |t| RankView {
+                node: r.node.as_str(),
+                task: t,
+                oom_killed: r.oom_killed(t),
+                verdict: Verdict::Succeeded,
+            })
+        })
+        .collect();
+    // By end time (unknown last), then rank.
+    ranks.sort_by_key(|v| (v.task.failed_at_ms().unwrap_or(u64::MAX), v.task.rank));
+    let own = |v: &RankView| v.task.failed() && (!stopped_by_slurm(v.task) || v.oom_killed);
+    let first = ranks.iter().position(own);
+    let first_end = first.and_then(|i| ranks[i].task.failed_at_ms());
+    let first_rank = first.map(|i| ranks[i].task.rank);
+    let verdicts: Vec<Verdict> = ranks
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            if Some(i) == first {
+                return Verdict::First;
+            }
+            if !v.task.failed() {
+                return Verdict::Succeeded;
+            }
+            let after_ms = first_end
+                .zip(v.task.failed_at_ms())
+                .map(|(f, e)| e.saturating_sub(f));
+            match first_rank {
+                None => Verdict::StoppedBySlurm,
+                Some(rank) if !own(v) || after_ms.is_none_or(|a| a <= STOPPED_AFTER_MS) => {
+                    Verdict::StoppedAfter { rank, after_ms }
+                }
+                Some(_) => Verdict::FailedLater { after_ms },
+            }
+        })
+        .collect();
+    for (v, verdict) in ranks.iter_mut().zip(verdicts) {
+        v.verdict = verdict;
+    }
+    // A hang: ranks Slurm stopped long after the last rank that ended on
+    // its own (or with none ended).
+    let stopped: Vec<&RankView> = ranks
+        .iter()
+        .filter(|v| v.task.failed() && !own(v))
+        .collect();
+    let hang = stopped
+        .iter()
+        .filter_map(|v| v.task.ended_unix_ms)
+        .min()
+        .and_then(|stop_at| {
+            let alive = stopped
+                .iter()
+                .map(|v| format!("{} ({})", v.task.rank, v.node))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let last = ranks
+                .iter()
+                .filter(|v| !v.task.failed() || own(v))
+                .filter_map(|v| v.task.ended_unix_ms.map(|e| (e, v)))
+                .filter(|(e, _)| *e <= stop_at)
+                .max_by_key(|(e, _)| *e);
+            match last {
+                Some((e, v)) if stop_at.saturating_sub(e) >= HANG_AFTER_MS || !v.task.failed() => {
+                    Some(format!(
+                        "rank(s) {alive} were still running when Slurm stopped the step (scancel \
+                         or time limit), {} after the step's last task exit (rank {} on {}, {}): \
+                         a hung collective?",
+                        fmt_ms(stop_at.saturating_sub(e)),
+                        v.task.rank,
+                        v.node,
+                        how(v.task, v.oom_killed)
+                    ))
+                }
+                Some(_) => None,
+                None => Some(format!(
+                    "rank(s) {alive} were still running when Slurm stopped the step (scancel or \
+                     time limit); no rank had ended before"
+                )),
+            }
+        });
+    Timeline {
+        job_id: reports.first().map_or(0, |r| r.job_id),
+        step_id: reports.first().map_or(0, |r| r.step_id),
+        ranks,
+        first,
+        hang,
+    }
+}
+
+/// The merged view for a person: the first rank to fail (how, its error
+/// in its own words), then every other rank and why it ended. Escaped.
+pub fn render_timeline(t: &Timeline) -> String {
+    let f = |s: &str| jobtext::field(s);
+    let mut s = format!("job {} step {}:\n", t.job_id, t.step_id);
+    if let Some(i) = t.first {
+        let v = &t.ranks[i];
+        let next = t
+            .ranks
+            .iter()
+            .filter(|o| o.task.rank != v.task.rank && o.task.failed())
+            .filter_map(|o| o.task.failed_at_ms())
+            .min();
+        let lead = match (v.task.failed_at_ms(), next) {
+            (Some(a), Some(b)) => format!(
+                ", {} before the next rank ended",
+                fmt_ms(b.saturating_sub(a))
+            ),
+            _ => String::new(),
+        };
+        s.push_str(&format!(
+            "  first to fail: rank {} on {}: {}{lead}\n",
+            v.task.rank,
+            f(v.node),
+            how(v.task, v.oom_killed)
+        ));
+        if let Some(e) = &v.task.torch_error {
+            s.push_str(&format!("    error (TorchElastic): {}\n", f(&e.message)));
+            for l in e.traceback.iter().rev().take(capture_tail_shown()).rev() {
+                s.push_str(&format!("      {}\n", f(l)));
+            }
+        }
+        if !v.task.stderr_tail.is_empty() {
+            s.push_str("    stderr (last lines):\n");
+            for l in &v.task.stderr_tail {
+                s.push_str(&format!("      {}\n", f(l)));
+            }
+        }
+    } else if t.ranks.iter().any(|v| v.task.failed()) {
+        s.push_str("  no rank failed on its own: Slurm stopped the step\n");
+    }
+    for (i, v) in t.ranks.iter().enumerate() {
+        if Some(i) == t.first {
+            continue;
+        }
+        let why = match &v.verdict {
+            Verdict::First => continue,
+            Verdict::Succeeded => "succeeded".to_string(),
+            Verdict::StoppedBySlurm => "stopped by Slurm".to_string(),
+            Verdict::StoppedAfter { rank, after_ms } => format!(
+                "stopped after rank {rank} failed{}",
+                after_ms
+                    .map(|a| format!(" (+{})", fmt_ms(a)))
+                    .unwrap_or_default()
+            ),
+            Verdict::FailedLater { after_ms } => format!(
+                "failed later, on its own{}",
+                after_ms
+                    .map(|a| format!(" (+{})", fmt_ms(a)))
+                    .unwrap_or_default()
+            ),
+        };
+        s.push_str(&format!(
+            "  rank {} on {}: {}: {why}\n",
+            v.task.rank,
+            f(v.node),
+            how(v.task, v.oom_killed)
+        ));
+    }
+    if let Some(h) = &t.hang {
+        s.push_str(&format!("  hang: {}\n", f(h)));
+    }
+    s
+}
+
+/// Traceback lines shown in the merged view.
+fn capture_tail_shown() -> usize {
+    crate::capture::TAIL_LINES
 }
 
 /// The owner record in each job directory: `uid=N`, root's, mode 0600.
@@ -702,6 +1086,21 @@ pub fn prune(dir: &Path, age: std::time::Duration, dry_run: bool) -> io::Result<
 /// hold job strings (paths, names), and a file the job's user owns may
 /// have been edited; nothing in it may move an admin's cursor.
 pub fn render(r: &Report) -> String {
+    render_in_job(r, None)
+}
+
+/// [`render`] within `diagnose`'s merged view: where that view already
+/// names the first rank to fail (`first`: its rank and when it failed),
+/// the master probe's pointer to it is left out, and a probe made after
+/// that failure is not an issue of its own: the master may have ended
+/// because of it.
+pub fn render_in_job(r: &Report, first: Option<(u32, Option<u64>)>) -> String {
+    let first_known = first.is_some();
+    let probe_after_first = match (first, r.node_state.master.as_ref()) {
+        (Some((_, Some(f))), Some(m)) => m.at_unix_ms.is_none_or(|at| at >= f),
+        (Some((_, None)), Some(_)) => true,
+        _ => false,
+    };
     let f = |s: &str| jobtext::field(s);
     let mut s = String::new();
     s.push_str(&format!(
@@ -718,22 +1117,43 @@ pub fn render(r: &Report) -> String {
         f(&r.image.path.to_string_lossy())
     ));
     for t in &r.tasks {
+        let times = match (t.started_unix_ms, t.ended_unix_ms) {
+            (Some(a), Some(b)) => format!(", ran {}", fmt_ms(b.saturating_sub(a))),
+            _ => String::new(),
+        };
         s.push_str(&format!(
-            "  rank {:>4} (local {}): {}\n",
+            "  rank {:>4} (local {}): {}{times}\n",
             t.rank,
             t.local_id,
-            t.describe()
+            how(t, r.oom_killed(t))
         ));
+        if let Some(e) = &t.torch_error {
+            s.push_str(&format!("    error (TorchElastic): {}\n", f(&e.message)));
+        }
+        if let Some(last) = t.stderr_tail.iter().rev().find(|l| !l.trim().is_empty()) {
+            s.push_str(&format!(
+                "    stderr, last line of {}: {}\n",
+                t.stderr_tail.len(),
+                f(last)
+            ));
+        }
     }
     if let Some(m) = &r.node_state.master {
         s.push_str(&format!(
-            "  master {}:{} {}\n",
+            "  master {}:{} {}{}\n",
             f(&m.addr),
             m.port,
             if m.reachable {
                 "answered"
             } else {
                 "did not answer"
+            },
+            match first {
+                Some((rank, _)) if probe_after_first && !m.reachable => format!(
+                    " (probed after rank {rank} had failed: the master may have ended because \
+                     of it)"
+                ),
+                _ => String::new(),
             }
         ));
     }
@@ -750,9 +1170,15 @@ pub fn render(r: &Report) -> String {
         ));
     }
     for i in &r.issues_found {
+        if probe_after_first && i.starts_with(MASTER_ISSUE) {
+            continue;
+        }
         s.push_str(&format!("  issue: {}\n", f(i)));
     }
     for i in &r.recommendations {
+        if first_known && i.starts_with(MASTER_POINTER) {
+            continue;
+        }
         s.push_str(&format!("  fix:   {}\n", f(i)));
     }
     s
@@ -916,6 +1342,8 @@ mod tests {
             port: 29500,
             reachable: false,
             error: Some("refused".into()),
+            when: Some("when rank 3 failed".into()),
+            at_unix_ms: None,
         });
         r.environment.remove("WORLD_SIZE");
         r.analyze(&Context {
@@ -930,6 +1358,183 @@ mod tests {
         assert_eq!(r.issues_found.len(), r.recommendations.len());
         let text = render(&r);
         assert!(text.contains("rank    3 (local 0): exit code 1"), "{text}");
+        assert!(!text.contains("rank 0 probably failed"), "{text}");
+        assert!(
+            text.contains("did not answer from n2 when rank 3 failed"),
+            "{text}"
+        );
+        // diagnose, which names the first rank to fail, leaves the
+        // pointer to itself out.
+        assert!(text.contains("fix:   'ml-container diagnose 5'"), "{text}");
+        assert!(!render_in_job(&r, Some((3, None))).contains("fix:   'ml-container diagnose"));
+        // Probed after the first failure: not an issue in diagnose.
+        let mut late = r.clone();
+        if let Some(m) = late.node_state.master.as_mut() {
+            m.at_unix_ms = Some(9_000);
+        }
+        let text = render_in_job(&late, Some((1, Some(8_000))));
+        assert!(!text.contains("issue: MASTER_ADDR"), "{text}");
+        assert!(
+            text.contains("did not answer (probed after rank 1 had failed"),
+            "{text}"
+        );
+        let text = render_in_job(&late, Some((1, Some(9_500))));
+        assert!(text.contains("issue: MASTER_ADDR"), "{text}");
+        // Rank 0 failed here before the probe: no master issue at all.
+        let mut r0 = report(vec![ended(0, 0, 1 << 8, 5_000), ended(1, 1, 1 << 8, 5_200)]);
+        r0.node_state.master = late.node_state.master.clone();
+        r0.analyze(&Context::default());
+        assert!(
+            !r0.issues_found.iter().any(|i| i.contains("did not answer")),
+            "{:?}",
+            r0.issues_found
+        );
+    }
+
+    fn ended(rank: u32, local: u32, status: i32, at: u64) -> TaskOutcome {
+        let mut t = TaskOutcome::from_wait_status(rank, local, status);
+        t.started_unix_ms = Some(1_000);
+        t.ended_unix_ms = Some(at);
+        t
+    }
+
+    #[test]
+    fn the_first_rank_to_fail_is_named_across_nodes() {
+        // n1: ranks 0 and 1; n2: ranks 2 and 3. Rank 1 raised first; rank
+        // 0 and 2 failed in the collective after it, Slurm stopped rank 3.
+        let mut n1 = report(vec![ended(0, 0, 1 << 8, 5_300), ended(1, 1, 1 << 8, 5_000)]);
+        n1.node = "n1".into();
+        n1.tasks[1].stderr_tail = vec!["Traceback ...".into(), "RuntimeError: boom".into()];
+        let n2 = report(vec![
+            ended(2, 0, 1 << 8, 5_250),
+            ended(3, 1, libc::SIGTERM, 5_400),
+        ]);
+        let t = timeline(&[&n2, &n1]);
+        let first = &t.ranks[t.first.unwrap()];
+        assert_eq!((first.task.rank, first.node), (1, "n1"));
+        let v = |rank| {
+            t.ranks
+                .iter()
+                .find(|r| r.task.rank == rank)
+                .unwrap()
+                .verdict
+                .clone()
+        };
+        assert_eq!(
+            v(2),
+            Verdict::StoppedAfter {
+                rank: 1,
+                after_ms: Some(250)
+            }
+        );
+        assert_eq!(
+            v(0),
+            Verdict::StoppedAfter {
+                rank: 1,
+                after_ms: Some(300)
+            }
+        );
+        assert_eq!(
+            v(3),
+            Verdict::StoppedAfter {
+                rank: 1,
+                after_ms: Some(400)
+            }
+        );
+        assert!(t.hang.is_none(), "{:?}", t.hang);
+        let text = render_timeline(&t);
+        assert!(
+            text.contains(
+                "first to fail: rank 1 on n1: exit code 1, 0.250 s before the next rank ended"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("      RuntimeError: boom\n"), "{text}");
+        assert!(text.contains("rank 3 on n2: killed by signal 15 (SIGTERM): stopped after rank 1 failed (+0.400 s)"), "{text}");
+        // Ranks that end within the runtime's teardown of each other are
+        // ordered by their last words: rank 0 ended first, but rank 1's
+        // traceback came before rank 0's message.
+        let mut a = ended(0, 0, 1 << 8, 5_000);
+        a.last_stderr_unix_ms = Some(4_990);
+        let mut b = ended(1, 1, 1 << 8, 5_100);
+        b.last_stderr_unix_ms = Some(4_900);
+        let mut old = ended(2, 2, 1 << 8, 5_050);
+        old.last_stderr_unix_ms = Some(1_000); // long before its end: not last words
+        let r = report(vec![a, b, old]);
+        let t = timeline(&[&r]);
+        assert_eq!(t.ranks[t.first.unwrap()].task.rank, 1);
+        assert_eq!(t.ranks[1].task.rank, 0);
+        assert_eq!(
+            t.ranks[2].verdict,
+            Verdict::StoppedAfter {
+                rank: 1,
+                after_ms: Some(150)
+            }
+        );
+        // A rank that fails on its own long after is not "stopped after".
+        let late = report(vec![ended(4, 0, 2 << 8, 5_000 + STOPPED_AFTER_MS + 1)]);
+        let t = timeline(&[&n1, &late]);
+        assert!(matches!(
+            t.ranks.last().unwrap().verdict,
+            Verdict::FailedLater { .. }
+        ));
+    }
+
+    #[test]
+    fn an_oom_kill_is_a_failure_of_its_own_and_a_scancel_is_not() {
+        let mut r = report(vec![
+            ended(0, 0, libc::SIGTERM, 9_000),
+            ended(1, 1, libc::SIGKILL, 8_000),
+        ]);
+        r.node_state.oom_kills_in_step_cgroup = Some(1);
+        r.node_state.step_memory_cgroup = Some("/sys/fs/cgroup/x".into());
+        r.node_state.oom_kills_by_local_task = [(0, 0), (1, 1)].into_iter().collect();
+        let t = timeline(&[&r]);
+        let first = &t.ranks[t.first.unwrap()];
+        assert_eq!(first.task.rank, 1);
+        assert!(render_timeline(&t).contains("rank 1 on n2: killed by the kernel's OOM killer"));
+    }
+
+    #[test]
+    fn a_hang_names_the_ranks_still_alive() {
+        // Rank 0 finished, ranks 1 and 2 stayed in a collective until
+        // Slurm's time limit 2 h later.
+        let h = 7_200_000;
+        let mut r = report(vec![
+            ended(0, 0, 0, 10_000),
+            ended(1, 1, libc::SIGTERM, 10_000 + h),
+            ended(2, 2, libc::SIGKILL, 10_000 + h + 5),
+        ]);
+        let t = timeline(&[&r]);
+        assert!(t.first.is_none());
+        let hang = t.hang.clone().unwrap();
+        assert!(
+            hang.contains("rank(s) 1 (n2), 2 (n2) were still running")
+                && hang.contains(
+                    "2 h 0 min after the step's last task exit (rank 0 on n2, exit code 0)"
+                ),
+            "{hang}"
+        );
+        r.analyze(&Context::default());
+        assert!(
+            r.issues_found
+                .iter()
+                .any(|i| i.starts_with("rank(s) 1, 2 were still running")),
+            "{:?}",
+            r.issues_found
+        );
+        // A plain scancel with nothing ended before: named too.
+        let r = report(vec![ended(0, 0, libc::SIGTERM, 10_000)]);
+        assert!(timeline(&[&r])
+            .hang
+            .unwrap()
+            .contains("no rank had ended before"));
+        // Stopped right after a failure: that failure, not a hang.
+        let r = report(vec![
+            ended(0, 0, 1 << 8, 10_000),
+            ended(1, 1, libc::SIGTERM, 10_500),
+        ]);
+        assert!(timeline(&[&r]).hang.is_none());
     }
 
     #[test]

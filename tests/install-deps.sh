@@ -10,5 +10,6 @@ apt-get install -y -qq --no-install-recommends \
     debootstrap libclang-dev valgrind iproute2 util-linux procps \
     ca-certificates charliecloud-runtime squashfs-tools squashfuse busybox-static \
     lintian dpkg-dev xz-utils \
+    prometheus-node-exporter prometheus \
     >/dev/null
 # The packages' own daemons are not used: the tests run their own clusters.

@@ -13,8 +13,17 @@
 //! with exit code N"), and, where the runtime exits 255 because a bare
 //! command name is not in the image (`python` in an image with only
 //! `python3`), which name is. Otherwise it is transparent:
-//! - stdin, stdout and stderr are the runtime's own (inherited, never
-//!   copied), so the job's output is byte for byte what it was;
+//! - stdin and stdout are the runtime's own (inherited, never copied), so
+//!   the job's output is byte for byte what it was; so is stderr, unless
+//!   the plugin asks for its tail (`failure.capture_stderr`) and it is not
+//!   a terminal: then the runtime writes into a pipe, and every byte read
+//!   from it is written to the task's stderr at once, in the same chunks,
+//!   while the last N bytes are kept. When the task fails they are left in
+//!   the step directory for root's report (`capture.rs`). A write to our
+//!   stderr that fails (EPIPE) closes the pipe, so the payload sees its
+//!   stderr closed as it would have. Output still written by a background
+//!   process of the task after the runtime has exited is copied for at
+//!   most [`DRAIN_LIMIT`];
 //! - the task ends as the runtime did: the same exit code, or death by the
 //!   same signal (re-raised on this process, core dumps off);
 //! - signals: Slurm signals every process of a step (proctrack's
@@ -24,18 +33,22 @@
 //!   on to the runtime.
 #![forbid(unsafe_code)]
 
+use std::collections::VecDeque;
 use std::ffi::OsString;
-use std::io::Write;
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::io::{IsTerminal, Read, Write};
+use std::os::fd::AsFd;
+use std::process::{Child, ChildStderr, Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::{getppid, Pid};
 
 use slurm_ml_container::launch::{
-    command_alternatives, failure_notice, missing_command_hint, Ended, LaunchSpec, LAUNCH_ENV,
+    command_alternatives, failure_notice, missing_command_hint, Ended, LaunchSpec, StderrCapture,
+    LAUNCH_ENV,
 };
 
 /// Signals passed on to the runtime when someone other than slurmstepd
@@ -56,6 +69,10 @@ const FORWARDED: [Signal; 13] = [
     Signal::SIGXCPU,
 ];
 
+/// How long stderr is still copied after the runtime has exited (a
+/// background process of the task may hold it open).
+const DRAIN_LIMIT: Duration = Duration::from_secs(1);
+
 /// How long the "is the command in the image" probe may take.
 const PROBE_LIMIT: Duration = Duration::from_secs(15);
 
@@ -74,7 +91,7 @@ fn main() -> ExitCode {
         }
     };
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let (ended, mask) = match run(&spec, &args) {
+    let (ended, mask, tail) = match run(&spec, &args) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("ml-container-launch: cannot run {}: {e}", spec.prefix[0]);
@@ -83,6 +100,9 @@ fn main() -> ExitCode {
     };
     // The probe below runs with the task's own signal mask, as the runtime did.
     let _ = sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&mask), None);
+    if let (Some(c), Some(tail), false) = (&spec.capture, tail, ended == Ended::Code(0)) {
+        leave_tail(c, &tail);
+    }
     if let (Some(label), Some(line)) = (
         &spec.task,
         spec.task.as_ref().and_then(|l| failure_notice(l, ended)),
@@ -97,32 +117,139 @@ fn main() -> ExitCode {
     end_as(ended)
 }
 
+/// The last `cap` bytes written to the task's stderr.
+struct Tail {
+    cap: usize,
+    bytes: VecDeque<u8>,
+    /// When the last byte arrived: a failing program's last words (a
+    /// traceback) come right before it ends, while the runtime's own
+    /// teardown after it takes a varying while.
+    last: Option<std::time::SystemTime>,
+}
+
+impl Tail {
+    fn push(&mut self, chunk: &[u8]) {
+        let chunk = &chunk[chunk.len().saturating_sub(self.cap)..];
+        let over = (self.bytes.len() + chunk.len()).saturating_sub(self.cap);
+        self.bytes.drain(..over.min(self.bytes.len()));
+        self.bytes.extend(chunk);
+        self.last = Some(std::time::SystemTime::now());
+    }
+}
+
+/// Leaves the tail for the plugin (root reads it with O_NOFOLLOW, as the
+/// job's own file): created without following a link, 0600. Its mtime is
+/// when the last byte arrived.
+fn leave_tail(c: &StderrCapture, tail: &Tail) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (a, b) = tail.bytes.as_slices();
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(&c.file)
+        .and_then(|mut f| {
+            f.write_all(a)?;
+            f.write_all(b)?;
+            match tail.last {
+                Some(t) => f.set_modified(t),
+                None => Ok(()),
+            }
+        });
+}
+
+/// Copies one chunk from the runtime's stderr pipe to ours. False at the
+/// pipe's end, or when our stderr is closed (the pipe is then closed too).
+fn copy_chunk(pipe: &mut ChildStderr, tail: &mut Tail, buf: &mut [u8]) -> bool {
+    match pipe.read(buf) {
+        Ok(0) => false,
+        Ok(n) => {
+            tail.push(&buf[..n]);
+            std::io::stderr().write_all(&buf[..n]).is_ok()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => true,
+        Err(_) => false,
+    }
+}
+
 /// Runs the runtime and waits for it, passing on the signals that did not
-/// already reach it.
-fn run(spec: &LaunchSpec, args: &[OsString]) -> std::io::Result<(Ended, SigSet)> {
+/// already reach it, and copying its stderr when asked to.
+fn run(spec: &LaunchSpec, args: &[OsString]) -> std::io::Result<(Ended, SigSet, Option<Tail>)> {
     let mut mask = SigSet::empty();
     for s in FORWARDED {
         mask.add(s);
     }
     mask.add(Signal::SIGCHLD);
+    let capture = spec
+        .capture
+        .as_ref()
+        .filter(|c| c.bytes > 0 && !std::io::stderr().is_terminal());
     // The child first, then the mask: a child inherits the signal mask, and
     // the payload must start with the one slurmstepd gave the task. A
     // signal in the few microseconds between the two gets its default
     // action here, as it would have without us; a SIGCHLD then is not
     // lost, as the loop asks for the child's status before waiting.
-    let mut child = Command::new(&spec.prefix[0])
-        .args(&spec.prefix[1..])
+    let mut cmd = Command::new(&spec.prefix[0]);
+    cmd.args(&spec.prefix[1..])
         .arg(&spec.command)
         .args(args)
-        .env_remove(LAUNCH_ENV)
-        .spawn()?;
+        .env_remove(LAUNCH_ENV);
+    if capture.is_some() {
+        cmd.stderr(Stdio::piped());
+    }
+    let mut child = cmd.spawn()?;
     sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)?;
-    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC)?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)?;
     let child_pid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
     let parent = getppid();
+    let mut pipe = child.stderr.take();
+    let mut tail = capture.map(|c| Tail {
+        cap: c.bytes as usize,
+        bytes: VecDeque::new(),
+        last: None,
+    });
+    let mut buf = vec![0u8; if pipe.is_some() { 64 << 10 } else { 0 }];
+    let mut exited: Option<(Ended, Instant)> = None;
     loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok((ended(status), mask));
+        if exited.is_none() {
+            if let Some(status) = child.try_wait()? {
+                exited = Some((ended(status), Instant::now() + DRAIN_LIMIT));
+            }
+        }
+        let timeout = match exited {
+            Some((e, deadline)) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if pipe.is_none() || left.is_zero() {
+                    return Ok((e, mask, tail));
+                }
+                PollTimeout::try_from(left).unwrap_or(PollTimeout::ZERO)
+            }
+            None => PollTimeout::NONE,
+        };
+        let (sig_ready, pipe_ready) = {
+            let mut fds = vec![PollFd::new(signals.as_fd(), PollFlags::POLLIN)];
+            if let Some(p) = &pipe {
+                fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
+            }
+            match poll(&mut fds, timeout) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+            (ready(&fds[0]), fds.get(1).is_some_and(ready))
+        };
+        if pipe_ready {
+            if let (Some(p), Some(t)) = (pipe.as_mut(), tail.as_mut()) {
+                if !copy_chunk(p, t, &mut buf) {
+                    pipe = None;
+                }
+            }
+        }
+        if !sig_ready {
+            continue;
         }
         let Some(info) = signals.read_signal()? else {
             continue;
@@ -131,7 +258,7 @@ fn run(spec: &LaunchSpec, args: &[OsString]) -> std::io::Result<(Ended, SigSet)>
             continue;
         };
         let from_slurmstepd = i32::try_from(info.ssi_pid).is_ok_and(|p| p == parent.as_raw());
-        if sig != Signal::SIGCHLD && !from_slurmstepd {
+        if sig != Signal::SIGCHLD && !from_slurmstepd && exited.is_none() {
             let _ = kill(child_pid, sig);
         }
     }

@@ -118,6 +118,19 @@ pub extern "C" fn slurm_spank_task_init(
     })
 }
 
+/// spank(8): called in slurmstepd, as root, after each task is forked
+/// (the task's start time for the failure report).
+#[no_mangle]
+pub extern "C" fn slurm_spank_task_post_fork(
+    sp: sys::spank_t,
+    _ac: c_int,
+    _av: *mut *mut c_char,
+) -> c_int {
+    guard("slurm_spank_task_post_fork", || {
+        plugin::task_post_fork(&mut SpankHost::new(sp))
+    })
+}
+
 /// spank(8): called in slurmstepd, as root, after each task exits.
 #[no_mangle]
 pub extern "C" fn slurm_spank_task_exit(

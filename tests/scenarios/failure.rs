@@ -10,7 +10,11 @@ use slurm_ml_container::probe;
 use crate::harness::{Cluster, Options, Run, Slurm};
 
 crate::on_slurm_24_11!(
-    the_other_ranks_report_an_unreachable_master,
+    the_master_probe_runs_only_while_ranks_still_run,
+    diagnose_names_the_rank_that_raised_first,
+    the_stderr_passthrough_is_byte_for_byte_and_code_for_code,
+    a_torchelastic_error_file_is_in_the_report,
+    a_hang_names_the_ranks_still_alive,
     a_successful_step_writes_metrics_and_no_report,
     a_planted_symlink_is_not_followed,
     a_hung_probe_costs_at_most_its_timeout,
@@ -185,17 +189,52 @@ fn signals_and_scancel_are_recorded(slurm: Slurm) {
     assert!(rep["issues_found"].to_string().contains("scancel"), "{rep}");
 }
 
-fn the_other_ranks_report_an_unreachable_master() {
+/// Issue 14: the master probe runs at a node's first failure while other
+/// tasks of the step still run there, never once every local rank has
+/// exited (it could only say "did not answer" about a step that is over).
+fn the_master_probe_runs_only_while_ranks_still_run() {
     let c = cluster(Options::default().file(
         "/etc/slurm/ml-container.toml",
         "[failure]\nprobe_timeout = 2\n",
     ));
+    // One task per node: rank 1 on n2 fails after rank 0, alone there.
     let r = on_two_nodes(&c, "[ $RANK = 0 ] && exit 3; sleep 1; exit 4");
     r.assert_failed();
     let rep = report(&c, 1, "n2", Duration::from_secs(5)).expect("report on n2");
-    assert_eq!(rep["node_state"]["master"]["reachable"], false, "{rep}");
+    assert!(rep["node_state"]["master"].is_null(), "{rep}");
     assert!(
-        rep["issues_found"].to_string().contains("did not answer"),
+        !rep["issues_found"].to_string().contains("did not answer"),
+        "{rep}"
+    );
+    // Ranks 2 and 3 on n2: rank 2 fails while rank 3 still runs, nobody
+    // listens on the master's port.
+    let r = c.srun(&[
+        "-N2",
+        "--ntasks-per-node=2",
+        "--ml-container=demo",
+        "/bin/sh",
+        "-c",
+        "[ $RANK = 2 ] && { sleep 1; exit 4; }; [ $RANK = 3 ] && sleep 3; exit 0",
+    ]);
+    r.assert_failed();
+    let rep = report(&c, 2, "n2", Duration::from_secs(5)).expect("report on n2");
+    let m = &rep["node_state"]["master"];
+    assert_eq!(m["reachable"], false, "{rep}");
+    assert!(
+        m["when"]
+            .as_str()
+            .is_some_and(|w| w.contains("when rank 2 failed, with 1 other task(s)")),
+        "{rep}"
+    );
+    let issues = rep["issues_found"].to_string();
+    assert!(
+        issues.contains("did not answer from n2 when rank 2 failed"),
+        "{issues}"
+    );
+    assert!(
+        !rep["recommendations"]
+            .to_string()
+            .contains("rank 0 probably failed"),
         "{rep}"
     );
 }
@@ -515,4 +554,397 @@ fn an_oom_kill_in_the_steps_own_cgroup_is_named_exactly(slurm: Slurm) {
     );
     // Slurm saw the same OOM kill.
     assert!(r.stderr.contains("oom_kill event"), "{r}");
+}
+
+/// A rendezvous of `WORLD_SIZE` ranks over TCP at MASTER_ADDR:MASTER_PORT,
+/// as a collective does it: rank 0 serves, every rank then blocks on its
+/// peers; rank `FAIL_RANK` raises once the others wait on it. A peer that
+/// goes away makes the others fail (rank 0 when a connection closes, the
+/// others when rank 0's does), as gloo or NCCL would.
+const RING: &str = r#"
+import os, select, socket, sys, time
+rank = int(os.environ["RANK"]); world = int(os.environ["WORLD_SIZE"])
+addr = os.environ["MASTER_ADDR"]; port = int(os.environ["MASTER_PORT"])
+fail = int(os.environ.get("FAIL_RANK", "1"))
+if rank == 0:
+    srv = socket.create_server(("", port))
+    conns = []
+    while len(conns) < world - 1:
+        c, _ = srv.accept()
+        if c.recv(2) == b"hi":   # a probe connects and says nothing
+            conns.append(c)
+        else:
+            c.close()
+    for c in conns:
+        c.sendall(b"go")
+    r, _, _ = select.select(conns, [], [])
+    r[0].recv(16)
+    sys.exit("rank 0: a peer left the collective")
+for i in range(600):
+    try:
+        s = socket.create_connection((addr, port)); break
+    except OSError:
+        time.sleep(0.1)
+s.sendall(b"hi")
+s.recv(2)
+if rank == fail:
+    time.sleep(2)   # the others now block on their peers
+    raise RuntimeError(f"rank {rank} gives up: loss is NaN at step 7")
+if not s.recv(16):
+    sys.exit(f"rank {rank}: lost the master")
+"#;
+
+fn mpi_cluster(config: &str) -> Cluster {
+    Cluster::start_with(
+        Slurm::V24_11,
+        Options::default()
+            .copy(
+                &crate::harness::mpi_image(),
+                "/opt/containers/ml-frameworks/mpi.sqfs",
+            )
+            .file("/etc/slurm/ml-container.toml", config),
+    )
+}
+
+/// Issue 14 acceptance: one rank raises after the others started waiting
+/// on it; `diagnose` names it first, with its exception line, and the
+/// others as stopped after it; no "did not answer" advice.
+fn diagnose_names_the_rank_that_raised_first() {
+    let c = mpi_cluster("[failure]\nprobe_timeout = 2\n");
+    c.write("/home/mluser/ring.py", RING, 0o644);
+    let r = c.srun(&[
+        "-N2",
+        "-n4",
+        "--ml-container=mpi",
+        "python3",
+        "/home/mluser/ring.py",
+    ]);
+    r.assert_failed();
+    // The traceback still reached the user's stderr.
+    assert!(r.stderr.contains("RuntimeError: rank 1 gives up"), "{r}");
+    for node in ["n1", "n2"] {
+        report(&c, 1, node, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("no report on {node}: {}", c.logs()));
+    }
+    let rep = report(&c, 1, "n1", Duration::ZERO).expect("report");
+    let rank1 = rep["tasks"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["rank"] == 1))
+        .cloned()
+        .expect("rank 1 in n1's report");
+    let (start, end) = (
+        rank1["started_unix_ms"].as_u64().expect("start time"),
+        rank1["ended_unix_ms"].as_u64().expect("end time"),
+    );
+    assert!(start < end && end - start >= 2000, "{rank1}");
+    let tail = rank1["stderr_tail"].to_string();
+    assert!(tail.contains("Traceback (most recent call last)"), "{tail}");
+    assert!(
+        tail.contains("RuntimeError: rank 1 gives up: loss is NaN at step 7"),
+        "{tail}"
+    );
+
+    let d = c.run(1, &[], &["ml-container", "diagnose", "1"]);
+    d.assert_ok();
+    if std::env::var_os("MLC_SHOW_DIAGNOSE").is_some() {
+        eprintln!("{}", d.stdout);
+    }
+    let out = &d.stdout;
+    assert!(
+        out.contains("first to fail: rank 1 on n1: exit code 1"),
+        "{d}"
+    );
+    let first_at = out.find("first to fail").unwrap_or(0);
+    let exc = out
+        .find("RuntimeError: rank 1 gives up: loss is NaN at step 7")
+        .expect("the exception line");
+    assert!(exc > first_at, "{d}");
+    for rank in [0, 2, 3] {
+        let line = out
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("rank {rank} on ")))
+            .unwrap_or_else(|| panic!("no line for rank {rank}: {d}"));
+        assert!(line.contains("stopped after rank 1 failed"), "{line}\n{d}");
+    }
+    // A master probe made after rank 1 had failed is no issue of its own.
+    assert!(
+        !out.lines()
+            .any(|l| l.contains("issue:") && l.contains("did not answer")),
+        "{d}"
+    );
+    let advice: Vec<&str> = out.lines().filter(|l| l.contains("fix:")).collect();
+    assert!(
+        advice
+            .iter()
+            .all(|l| !l.contains("did not answer") && !l.contains("rank 0 probably failed")),
+        "{advice:?}\n{d}"
+    );
+    // The step directories are gone once the step ended.
+    let left = c.run_root(1, &["sh", "-c", "ls -A /run/slurm-ml-container | wc -l"]);
+    assert_eq!(left.stdout.trim(), "0", "{left}");
+}
+
+/// Issue 14 acceptance: with the stderr tail kept (the default), a step's
+/// output is byte for byte, and its exit code or signal the same as the
+/// same step run with a hand-written `apptainer exec`.
+fn the_stderr_passthrough_is_byte_for_byte_and_code_for_code() {
+    let img = crate::harness::images(&["plain"]);
+    let sif = "/opt/containers/ml-frameworks/plain.sif";
+    let c = Cluster::start_with(Slurm::V24_11, Options::default().copy(&img["plain"], sif));
+    // Binary data (every byte value, no newline for 64 KiB at a time) and
+    // a 1 MB line, on both streams.
+    let mut blob: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
+    blob.extend(std::iter::repeat_n(b'x', 1 << 20));
+    std::fs::write(c.path("/home/mluser/blob"), &blob).expect("write blob");
+    let read = |p: &str| std::fs::read(c.path(p)).unwrap_or_default();
+    // srun's own lines (which name the job id) may arrive amid the task's
+    // stderr when its last line has no newline yet: cut them wherever they
+    // are (the payload's bytes never spell "srun: "); our notice is ours.
+    let strip = |b: Vec<u8>| -> Vec<u8> {
+        let mut out = Vec::with_capacity(b.len());
+        let mut rest = &b[..];
+        while let Some(at) = rest.windows(6).position(|w| w == b"srun: ") {
+            out.extend_from_slice(&rest[..at]);
+            let line_end = rest[at..]
+                .iter()
+                .position(|c| *c == b'\n')
+                .map_or(rest.len(), |e| at + e + 1);
+            rest = &rest[line_end..];
+        }
+        out.extend_from_slice(rest);
+        out.split_inclusive(|c| *c == b'\n')
+            .filter(|l| !l.starts_with(b"ml-container:"))
+            .flatten()
+            .copied()
+            .collect()
+    };
+    let mut codes: Vec<String> = [0, 1, 2, 77, 126, 127, 128, 200, 254, 255]
+        .iter()
+        .map(|c| format!("exit {c}"))
+        .collect();
+    codes.extend(["kill -KILL $$".to_string(), "kill -SEGV $$".to_string()]);
+    for (i, end) in codes.iter().enumerate() {
+        let payload =
+            format!("cat ~/blob >&2; echo >&2; cat ~/blob; echo; echo 'last words {i}' >&2; {end}");
+        let run = |tag: &str, argv: &[&str]| {
+            let cmd = format!(
+                "srun -w n1 {} >/tmp/{tag}.out 2>/tmp/{tag}.err",
+                argv.iter()
+                    .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            c.run(1, &[], &["sh", "-c", &cmd])
+        };
+        let ours = run("ours", &["--ml-container=plain", "/bin/sh", "-c", &payload]);
+        let theirs = run(
+            "theirs",
+            &[
+                "apptainer",
+                "--quiet",
+                "exec",
+                sif,
+                "/bin/sh",
+                "-c",
+                &payload,
+            ],
+        );
+        assert_eq!(
+            (ours.code, ours.signal),
+            (theirs.code, theirs.signal),
+            "{end}: {ours}\n{theirs}"
+        );
+        let (o_out, t_out) = (read("/tmp/ours.out"), read("/tmp/theirs.out"));
+        assert_eq!(o_out.len(), blob.len() + 1, "{end}");
+        assert!(
+            o_out == t_out,
+            "{end}: stdout differs ({} and {} bytes)",
+            o_out.len(),
+            t_out.len()
+        );
+        let (o_err, t_err) = (strip(read("/tmp/ours.err")), strip(read("/tmp/theirs.err")));
+        assert_eq!(o_err.len(), t_err.len(), "{end}: stderr lengths differ");
+        assert!(o_err == t_err, "{end}: stderr differs");
+        assert!(o_err.starts_with(&blob), "{end}");
+    }
+    // The failed steps kept their last words for the report (job ids:
+    // two per round, ours first).
+    let rep = report(&c, 3, "n1", Duration::from_secs(5)).expect("report of `exit 1`");
+    let tail = rep["tasks"][0]["stderr_tail"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        tail.last().and_then(|l| l.as_str()),
+        Some("last words 1"),
+        "{rep}"
+    );
+    assert!(tail.len() <= 50, "{}", tail.len());
+}
+
+/// Issue 14 acceptance: a worker that records its exception as torch's
+/// `@record` does (TorchElastic's error file, the format of
+/// torch/distributed/elastic/multiprocessing/errors/error_handler.py):
+/// the report carries the structured error. The plugin set the file's
+/// path; a path the user set is left alone.
+fn a_torchelastic_error_file_is_in_the_report() {
+    let c = mpi_cluster("");
+    let worker = r#"
+import json, os, time, traceback
+def train():
+    raise ValueError("bad shard 3 in /data/train-00003.tar")
+try:
+    train()
+except ValueError as e:
+    with open(os.environ["TORCHELASTIC_ERROR_FILE"], "w") as f:
+        json.dump({"message": {"message": f"{type(e).__name__}: {e}",
+                   "extraInfo": {"py_callstack": traceback.format_exc(),
+                                 "timestamp": str(int(time.time()))}}}, f)
+    print("worker:", os.environ["TORCHELASTIC_ERROR_FILE"])
+    raise SystemExit(1)
+"#;
+    c.write("/home/mluser/worker.py", worker, 0o644);
+    let r = c.srun(&[
+        "-w",
+        "n1",
+        "--ml-container=mpi",
+        "python3",
+        "/home/mluser/worker.py",
+    ]);
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(
+        r.stdout
+            .contains("worker: /run/slurm-ml-container/1.0.n1/torch-error.0.json"),
+        "{r}"
+    );
+    let rep = report(&c, 1, "n1", Duration::from_secs(5)).expect("report");
+    let e = &rep["tasks"][0]["torch_error"];
+    assert_eq!(e["error_type"], "ValueError", "{rep}");
+    assert_eq!(
+        e["message"], "ValueError: bad shard 3 in /data/train-00003.tar",
+        "{rep}"
+    );
+    assert!(e["traceback"].to_string().contains("in train"), "{rep}");
+    assert!(
+        e["timestamp"].as_u64().is_some_and(|t| t > 1_600_000_000),
+        "{rep}"
+    );
+    let d = c.run(1, &[], &["ml-container", "diagnose", "1"]);
+    assert!(
+        d.stdout
+            .contains("error (TorchElastic): ValueError: bad shard 3"),
+        "{d}"
+    );
+    // The user's own path wins.
+    let r = c.srun_env(
+        &[("TORCHELASTIC_ERROR_FILE", "/home/mluser/mine.json")],
+        &[
+            "-w",
+            "n1",
+            "--ml-container=mpi",
+            "python3",
+            "/home/mluser/worker.py",
+        ],
+    );
+    assert!(r.stdout.contains("worker: /home/mluser/mine.json"), "{r}");
+    assert!(c.read("/home/mluser/mine.json").contains("bad shard 3"));
+    let rep = report(&c, 2, "n1", Duration::from_secs(5)).expect("report");
+    assert!(rep["tasks"][0]["torch_error"].is_null(), "{rep}");
+}
+
+/// Issue 14: a step that Slurm stops (scancel, time limit) while ranks
+/// still run long after another ended: the report names the ranks still
+/// alive and how long after the last exit they were stopped.
+fn a_hang_names_the_ranks_still_alive() {
+    let c = cluster(Options::default());
+    let bg = c.spawn_srun(&[
+        "-N1",
+        "-n2",
+        "-w",
+        "n1",
+        "--ml-container=demo",
+        "/bin/sh",
+        "-c",
+        "[ $RANK = 0 ] && exit 0; sleep 300",
+    ]);
+    wait_for(Duration::from_secs(30), || {
+        let q = c.run(1, &[], &["squeue", "-h", "-t", "R", "-o", "%i"]);
+        (q.stdout.trim() == "1").then_some(())
+    })
+    .expect("job 1 never ran");
+    std::thread::sleep(Duration::from_secs(3));
+    c.run(1, &[], &["scancel", "1"]).assert_ok();
+    bg.wait().assert_failed();
+    let rep = report(&c, 1, "n1", Duration::from_secs(10)).expect("report of the cancelled job");
+    let issues = rep["issues_found"].to_string();
+    assert!(
+        issues.contains("rank(s) 1 were still running when Slurm stopped the step")
+            && issues.contains("after the last task exit on n1 (rank 0, exit code 0)"),
+        "{rep}"
+    );
+    let d = c.run(1, &[], &["ml-container", "diagnose", "1"]);
+    let hang = d
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("hang:"))
+        .unwrap_or_else(|| panic!("no hang line: {d}"));
+    assert!(hang.contains("rank(s) 1 (n1) were still running"), "{hang}");
+    // About the 3 s the test waited before scancel (rank 0 needed a
+    // moment to end after the job showed as running).
+    let secs: f64 = hang
+        .split(" s after the step's last task exit")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no duration in {hang}"));
+    assert!((2.0..30.0).contains(&secs), "{hang}");
+}
+
+/// Issue 14 with real torch: `torchrun` (the step's one task) runs two
+/// workers; worker 1 raises inside `@record`; torchrun's own `@record`
+/// copies the worker's error file to the TORCHELASTIC_ERROR_FILE the
+/// plugin gave the task, and the report carries it. The PyTorch image is
+/// the one `ml-container build pytorch-debian` made (tests/harness/pytorch.rs).
+#[test]
+fn a_real_torchrun_worker_error_is_in_the_report() {
+    let c = Cluster::start_with(Slurm::V24_11, Options::default().with_pytorch(""));
+    c.write(
+        "/home/mluser/rec.py",
+        "import os, time\n\
+         from torch.distributed.elastic.multiprocessing.errors import record\n\
+         @record\n\
+         def main():\n    \
+             if int(os.environ['RANK']) == 1:\n        \
+                 raise RuntimeError('worker 1: loss is NaN at step 7')\n    \
+             time.sleep(3)\n\
+         main()\n",
+        0o644,
+    );
+    let r = c.srun_env(
+        &[("USE_LIBUV", "0")],
+        &[
+            "-w",
+            "n1",
+            "--ml-container=pytorch",
+            "torchrun",
+            "--standalone",
+            "--nproc-per-node=2",
+            "/home/mluser/rec.py",
+        ],
+    );
+    assert_eq!(r.code, Some(1), "{r}");
+    let rep = report(&c, 1, "n1", Duration::from_secs(10)).expect("report");
+    let e = &rep["tasks"][0]["torch_error"];
+    assert_eq!(e["error_type"], "RuntimeError", "{rep}");
+    assert_eq!(
+        e["message"], "RuntimeError: worker 1: loss is NaN at step 7",
+        "{rep}"
+    );
+    assert!(e["traceback"].to_string().contains("in main"), "{rep}");
+    let d = c.run(1, &[], &["ml-container", "diagnose", "1"]);
+    assert!(
+        d.stdout
+            .contains("error (TorchElastic): RuntimeError: worker 1: loss is NaN at step 7"),
+        "{d}"
+    );
 }

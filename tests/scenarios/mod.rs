@@ -5,6 +5,7 @@ pub mod execution;
 pub mod failure;
 pub mod foundation;
 pub mod package;
+pub mod prometheus;
 pub mod pytorch;
 pub mod registry;
 pub mod releases;

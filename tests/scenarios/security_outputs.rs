@@ -323,10 +323,20 @@ fn the_master_probe_goes_only_to_the_plugins_own_address() {
         "/etc/slurm/ml-container.toml",
         "[failure]\nprobe_timeout = 2\n",
     ));
-    let r = on_n1(
-        &c,
+    // Two tasks: the probe runs at the node's first failure while another
+    // task of the step still runs (issue 14).
+    let r = c.srun_env(
         &[("MASTER_ADDR", "n2"), ("MASTER_PORT", "6818")],
-        "exit 3",
+        &[
+            "-N1",
+            "-n2",
+            "-w",
+            "n1",
+            "--ml-container=demo",
+            "/bin/sh",
+            "-c",
+            "[ $SLURM_LOCALID = 0 ] && exit 3; sleep 3",
+        ],
     );
     assert_eq!(r.code, Some(3), "{r}");
     let rep = report(&c, 1, "n1");

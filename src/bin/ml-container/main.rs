@@ -257,15 +257,32 @@ fn diagnose(cfg: &SiteConfig, args: &mut Args) -> ExitCode {
         Ok(reports) if !reports.is_empty() => {
             // Only what this user may read is shown; a report that exists
             // but is another user's is not an answer (exit 1).
-            let mut shown = 0;
+            let mut readable = Vec::new();
             for (path, r) in reports {
                 match r {
-                    Ok(r) => {
-                        shown += 1;
-                        print!("{}", report::render(&r));
-                    }
+                    Ok(r) => readable.push(r),
                     Err(e) => println!("{}: unreadable report: {e}", path.display()),
                 }
+            }
+            let shown = readable.len();
+            // Each step: the merged view first (the first rank to fail,
+            // then why every other rank ended), then each node's report.
+            let mut steps: Vec<u32> = readable.iter().map(|r| r.step_id).collect();
+            steps.sort_unstable();
+            steps.dedup();
+            for step in steps {
+                let of_step: Vec<&report::Report> =
+                    readable.iter().filter(|r| r.step_id == step).collect();
+                let t = report::timeline(&of_step);
+                print!("{}", report::render_timeline(&t));
+                println!();
+                for r in &of_step {
+                    let first = t
+                        .first
+                        .map(|i| (t.ranks[i].task.rank, t.ranks[i].task.failed_at_ms()));
+                    print!("{}", report::render_in_job(r, first));
+                }
+                println!();
             }
             if shown > 0 {
                 ExitCode::SUCCESS
