@@ -23,7 +23,7 @@
 //!   stderr that fails (EPIPE) closes the pipe, so the payload sees its
 //!   stderr closed as it would have. Output still written by a background
 //!   process of the task after the runtime has exited is copied for at
-//!   most [`DRAIN_LIMIT`];
+//!   most `DRAIN_LIMIT`;
 //! - the task ends as the runtime did: the same exit code, or death by the
 //!   same signal (re-raised on this process, core dumps off);
 //! - signals: Slurm signals every process of a step (proctrack's
