@@ -57,6 +57,8 @@ install -D -m 0644 packaging/debian/logrotate "$stage/etc/logrotate.d/slurm-ml-c
 install -D -m 0644 packaging/debian/tmpfiles.conf \
     "$stage/usr/lib/tmpfiles.d/slurm-ml-container.conf"
 install -D -m 0644 -t "$stage/usr/share/slurm-ml-container/recipes" packaging/recipes/*.def
+install -D -m 0644 packaging/grafana/slurm-ml-container.json \
+    "$stage/usr/share/slurm-ml-container/grafana/slurm-ml-container.json"
 for m in ml-container.8 spank-ml-container.8; do
     install -D -m 0644 "packaging/man/$m" "$stage/usr/share/man/man8/$m"
     gzip -9n "$stage/usr/share/man/man8/$m"

@@ -62,6 +62,21 @@ fn the_deb_installs_runs_upgrades_and_removes(slurm: Slurm) {
         "/MARKER",
     ]);
     assert_eq!(r.assert_ok().stdout, "pkgdemo\npkgdemo\n", "{r}");
+    // What the package ships besides the binaries: the recipes (listed by
+    // the CLI), the Grafana dashboard, logrotate and tmpfiles snippets.
+    let recipes = c.run_root(1, &["ml-container", "recipes"]);
+    assert!(
+        recipes.assert_ok().stdout.contains("pytorch-debian")
+            && recipes.stdout.contains("pytorch-cuda"),
+        "{recipes}"
+    );
+    for shipped in [
+        "/usr/share/slurm-ml-container/grafana/slurm-ml-container.json",
+        "/etc/logrotate.d/slurm-ml-container",
+        "/usr/lib/tmpfiles.d/slurm-ml-container.conf",
+    ] {
+        assert!(c.path(shipped).is_file(), "{shipped} not installed");
+    }
     let doctor = c.run_root(1, &["ml-container", "doctor"]);
     let built_for = format!("built for Slurm {}", slurm.name());
     assert!(doctor.stdout.contains(&built_for), "{doctor}");
