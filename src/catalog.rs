@@ -203,13 +203,15 @@ checked_string!(
     valid_alias,
     "alias (a name, name:tag or registry reference without spaces)"
 );
-checked_string!(
-    Sha256,
-    |s| s.len() == 64
+checked_string!(Sha256, is_sha256_hex, "sha256 (64 lowercase hex digits)");
+
+/// A sha256 as the catalog, pins and caches write it: 64 lowercase hex
+/// digits.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
         && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
-    "sha256 (64 lowercase hex digits)"
-);
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
 checked_string!(NonEmpty, |s| !s.is_empty() && !s.contains('\0'), "path");
 
 /// A name: what users type before the `:`. Slashes are allowed so that

@@ -419,7 +419,7 @@ impl Index {
         }
         let sha256 = match *sha {
             "-" => None,
-            s if crate::registry::is_sha256_hex(s) => Some(s.to_string()),
+            s if crate::catalog::is_sha256_hex(s) => Some(s.to_string()),
             _ => return Err(damaged("record sha256")),
         };
         let size = match *size {

@@ -324,7 +324,7 @@ fn cached_sum(dir: &Path, key: &str) -> Option<String> {
     match secure::read_trusted_here(&path, &[0], 128).ok()? {
         secure::ReadText::Text(text) => {
             let sum = text.trim();
-            crate::registry::is_sha256_hex(sum).then(|| sum.to_string())
+            crate::catalog::is_sha256_hex(sum).then(|| sum.to_string())
         }
         secure::ReadText::TooLarge(_) => None,
     }

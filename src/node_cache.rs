@@ -256,7 +256,7 @@ impl Cache {
         cancelled: &dyn Fn() -> bool,
     ) -> Result<(Lease, Outcome), CacheError> {
         let sha = sha.ok_or(CacheError::NoChecksum)?;
-        if !crate::registry::is_sha256_hex(sha) || !matches!(suffix, ".sif" | ".sqfs") {
+        if !crate::catalog::is_sha256_hex(sha) || !matches!(suffix, ".sif" | ".sqfs") {
             return Err(CacheError::NoChecksum);
         }
         // A copy is world-readable: an image only some may read (a
@@ -461,7 +461,7 @@ impl Cache {
             else {
                 continue;
             };
-            if !crate::registry::is_sha256_hex(&sha) {
+            if !crate::catalog::is_sha256_hex(&sha) {
                 continue;
             }
             let Ok(m) = fs::symlink_metadata(e.path()) else {

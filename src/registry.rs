@@ -281,7 +281,11 @@ impl Pin {
         {
             return Err(bad("name or tag is not a catalog name"));
         }
-        if pin.sha256.as_deref().is_some_and(|h| !is_sha256_hex(h)) {
+        if pin
+            .sha256
+            .as_deref()
+            .is_some_and(|h| !catalog::is_sha256_hex(h))
+        {
             return Err(bad("sha256 must be 64 lowercase hex digits"));
         }
         Ok(pin)
@@ -355,12 +359,6 @@ fn this_user() -> String {
 
 fn has_control(s: &str) -> bool {
     s.chars().any(char::is_control)
-}
-
-pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A string from a job, safe for one log line: escaped and capped.
