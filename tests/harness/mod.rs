@@ -12,7 +12,6 @@
 //! script's stdin; it exits and the kernel kills every daemon of its pid
 //! namespace, so nothing outlives the test. A failing test prints the
 //! slurmctld and slurmd logs.
-#![allow(dead_code)]
 
 pub mod pytorch;
 
@@ -46,11 +45,6 @@ pub enum Slurm {
 }
 
 impl Slurm {
-    /// Every supported release, oldest first.
-    pub const ALL: [Slurm; 3] = [Slurm::V22_05, Slurm::V24_11, Slurm::V26_05];
-    /// The releases whose clusters have Apptainer.
-    pub const WITH_APPTAINER: [Slurm; 2] = [Slurm::V24_11, Slurm::V26_05];
-
     pub fn name(self) -> &'static str {
         match self {
             Slurm::V22_05 => "22.05",
