@@ -579,6 +579,11 @@ if rank == 0:
         c.sendall(b"go")
     r, _, _ = select.select(conns, [], [])
     r[0].recv(16)
+    # A collective notices a lost peer after a while (gloo's and NCCL's
+    # timeouts are seconds); without this, rank 0's last words came within
+    # a few ms of rank 1's, and ms are all that the order of the launchers'
+    # reads can tell apart on a loaded machine.
+    time.sleep(0.3)
     sys.exit("rank 0: a peer left the collective")
 for i in range(600):
     try:

@@ -600,18 +600,8 @@ fn root_only_registry_files_leak_nothing() {
 /// The hash-cache entry name of a file, as the plugin computes it (device,
 /// inode, size, mtime and ctime with nanoseconds).
 fn cache_key(c: &Cluster, inside: &str) -> String {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(c.path(inside)).unwrap();
-    format!(
-        "{}-{}-{}-{}.{}-{}.{}",
-        m.dev(),
-        m.ino(),
-        m.size(),
-        m.mtime(),
-        m.mtime_nsec(),
-        m.ctime(),
-        m.ctime_nsec()
-    )
+    // The plugin's own key: one home for it (secure::file_identity).
+    slurm_ml_container::secure::file_identity(&std::fs::metadata(c.path(inside)).unwrap())
 }
 
 /// Regression guard (held before issue 10, must keep holding): an entry
