@@ -63,6 +63,21 @@ fn no_step_daemons(c: &Cluster) -> bool {
     r.stdout.trim().is_empty()
 }
 
+/// The `a1` image in the registry as catalog entry `alpha:1`, then the
+/// catalog entries `more`.
+fn with_alpha(more: &str) -> Options {
+    let img = images(&["a1"]);
+    Options::default()
+        .copy(&img["a1"], "/opt/containers/ml-frameworks/a1.sif")
+        .file(
+            CATALOG,
+            &format!(
+                "version = 1\n{}{more}",
+                entry("alpha", "1", "ml-frameworks/a1.sif", "")
+            ),
+        )
+}
+
 /// Occupies both nodes with a batch job for `secs`, so the next srun
 /// resolves its image and then waits; returns once it runs.
 fn hold(c: &Cluster, secs: &str) -> String {
@@ -114,22 +129,12 @@ fn all_logs(c: &Cluster) -> String {
 /// opened the FIFO's other end, scancel did nothing, and the node stayed
 /// COMPLETING for everyone.
 fn a_fifo_swapped_in_for_an_image_never_blocks_a_node() {
-    let img = images(&["a1"]);
     let c = Cluster::start_with(
         Slurm::V24_11,
-        Options::default()
-            .copy(&img["a1"], "/opt/containers/ml-frameworks/a1.sif")
-            .file(
-                CATALOG,
-                &format!(
-                    "version = 1\n{}",
-                    entry("alpha", "1", "ml-frameworks/a1.sif", "")
-                ),
-            )
-            .file(
-                CONFIG,
-                &format!("[registry]\nallowed_dirs = [\"/opt/containers\", \"{USER_DIR}\"]\n"),
-            ),
+        with_alpha("").file(
+            CONFIG,
+            &format!("[registry]\nallowed_dirs = [\"/opt/containers\", \"{USER_DIR}\"]\n"),
+        ),
     );
     c.run_root(
         1,
@@ -437,19 +442,7 @@ fn report(c: &Cluster, job: &str) -> Value {
 /// see, then exit 255: root's stat in task_exit used to tell an existing
 /// path from a missing one in the report.
 fn the_report_is_no_bind_source_existence_oracle() {
-    let img = images(&["a1"]);
-    let c = Cluster::start_with(
-        Slurm::V24_11,
-        Options::default()
-            .copy(&img["a1"], "/opt/containers/ml-frameworks/a1.sif")
-            .file(
-                CATALOG,
-                &format!(
-                    "version = 1\n{}",
-                    entry("alpha", "1", "ml-frameworks/a1.sif", "")
-                ),
-            ),
-    );
+    let c = Cluster::start_with(Slurm::V24_11, with_alpha(""));
     c.run_root(
         1,
         &[
@@ -508,21 +501,16 @@ fn the_report_is_no_bind_source_existence_oracle() {
 /// option variable (srun, as the user, refuses them itself): no message
 /// carries their bytes, size or sha256.
 fn root_only_registry_files_leak_nothing() {
-    let img = images(&["a1"]);
     const SECRET: &str = "SECRET-PW=hunter2-hunter2-hunter2";
     let c = Cluster::start_with(
         Slurm::V24_11,
-        Options::default()
-            .copy(&img["a1"], "/opt/containers/ml-frameworks/a1.sif")
-            .file(
-                CATALOG,
-                &format!(
-                    "version = 1\n{}{}",
-                    entry("alpha", "1", "ml-frameworks/a1.sif", ""),
-                    entry("secret", "1", "ml-frameworks/secret.sif", "size = 1")
-                ),
-            )
-            .file(CONFIG, "[registry]\nverify = \"full\"\n"),
+        with_alpha(&entry(
+            "secret",
+            "1",
+            "ml-frameworks/secret.sif",
+            "size = 1",
+        ))
+        .file(CONFIG, "[registry]\nverify = \"full\"\n"),
     );
     // Text, and a real image, both readable by root only.
     c.run_root(
@@ -697,19 +685,9 @@ fn the_hash_cache_trusts_only_roots_own_entries() {
 /// I4: slurmstepd (root) reads the site config only when root alone can
 /// change it; the user sees why, with the fix.
 fn an_untrusted_site_config_is_refused_on_the_nodes() {
-    let img = images(&["a1"]);
     let c = Cluster::start_with(
         Slurm::V24_11,
-        Options::default()
-            .copy(&img["a1"], "/opt/containers/ml-frameworks/a1.sif")
-            .file(
-                CATALOG,
-                &format!(
-                    "version = 1\n{}",
-                    entry("alpha", "1", "ml-frameworks/a1.sif", "")
-                ),
-            )
-            .file(CONFIG, "[runtime]\ngpus = \"off\"\n"),
+        with_alpha("").file(CONFIG, "[runtime]\ngpus = \"off\"\n"),
     );
     let r = c.srun(&["-N2", "--ml-container=alpha", "/bin/cat", "/MARKER"]);
     assert_eq!(
@@ -795,19 +773,7 @@ fn the_nodes_resolve_when_srun_cannot_read_the_registry() {
 /// reaches the nodes through Slurm's option variable without srun seeing
 /// it, by the nodes; no task runs.
 fn denied_bind_spellings_are_refused_in_srun_and_on_the_nodes() {
-    let img = images(&["a1"]);
-    let c = Cluster::start_with(
-        Slurm::V24_11,
-        Options::default()
-            .copy(&img["a1"], "/opt/containers/ml-frameworks/a1.sif")
-            .file(
-                CATALOG,
-                &format!(
-                    "version = 1\n{}",
-                    entry("alpha", "1", "ml-frameworks/a1.sif", "")
-                ),
-            ),
-    );
+    let c = Cluster::start_with(Slurm::V24_11, with_alpha(""));
     const MOUNTS_ENV: &str = "_SLURM_SPANK_OPTION_ml_container_ml_container_mounts";
     let ran = format!("{HOME}/ran");
     let script = format!("touch {ran}");
