@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use slurm_ml_container::probe;
 
-use crate::harness::{Cluster, Options, Run, Slurm};
+use crate::harness::{wait_for, Cluster, Options, Run, Slurm};
 
 crate::on_slurm_24_11!(
     the_master_probe_runs_only_while_ranks_still_run,
@@ -60,20 +60,6 @@ fn on_n1_with(c: &Cluster, srun_args: &[&str], script: &str) -> Run {
     argv.extend_from_slice(srun_args);
     argv.extend_from_slice(&["--ml-container=demo", "/bin/sh", "-c", script]);
     c.srun(&argv)
-}
-
-/// Polls `f` every 50 ms until it gives a value or `within` has passed.
-fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn a_failed_task_leaves_a_report_on_its_node_and_metrics_lines(slurm: Slurm) {

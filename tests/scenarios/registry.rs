@@ -179,45 +179,10 @@ fn catalog_rewritten_mid_launch_fails_the_step_clearly(slurm: Slurm) {
         "path = \"ml-frameworks/a1.sif\"\ndefault = true\n",
     );
 
-    // Occupy both nodes, so the next srun resolves and pins, then waits.
-    // Returns the holding job's id once it runs.
-    let hold = |secs: &str| -> String {
-        let r = c.run(
-            1,
-            &[],
-            &[
-                "sbatch",
-                "--parsable",
-                "-N2",
-                "--exclusive",
-                "--wrap",
-                &format!("sleep {secs}"),
-            ],
-        );
-        let id = r.assert_ok().stdout.trim().to_string();
-        for _ in 0..150 {
-            let q = c.run(1, &[], &["squeue", "-h", "-j", &id, "-o", "%T"]);
-            if q.stdout.trim() == "RUNNING" {
-                return id;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        panic!("the holding job {id} never ran");
-    };
-    // Until a job other than the holding one pends: the srun, which has
-    // resolved its image by then (init_post_opt runs before the allocation
-    // request).
-    let wait_pending = |holder: &str| {
-        for _ in 0..150 {
-            let q = c.run(1, &[], &["squeue", "-h", "-t", "PD", "-o", "%i"]);
-            if q.stdout.split_whitespace().any(|id| id != holder) {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        panic!("srun never pended");
-    };
-
+    // Occupy both nodes (Cluster::hold_every_node), so the next srun
+    // resolves and pins, then waits; Cluster::wait_pending_besides waits
+    // for that srun to pend (init_post_opt runs before the allocation
+    // request, so it has resolved its image by then).
     let launch = || {
         c.spawn_srun(&[
             "-N2",
@@ -231,9 +196,9 @@ fn catalog_rewritten_mid_launch_fails_the_step_clearly(slurm: Slurm) {
 
     // 1. The catalog now says alpha = a1; srun chose a2: no node runs
     // either, and the user is told why.
-    let holder = hold("8");
+    let holder = c.hold_every_node("8");
     let bg = launch();
-    wait_pending(&holder);
+    c.wait_pending_besides(&holder);
     c.write(CATALOG, &rewritten, 0o644);
     let r = bg.wait();
     r.assert_failed();
@@ -252,9 +217,9 @@ fn catalog_rewritten_mid_launch_fails_the_step_clearly(slurm: Slurm) {
     assert_eq!(markers(&c, "alpha", "2"), ["a1", "a1"]);
 
     // 2. The pinned file disappears while the step waits: it fails clearly.
-    let holder = hold("8");
+    let holder = c.hold_every_node("8");
     let bg = launch();
-    wait_pending(&holder);
+    c.wait_pending_besides(&holder);
     c.remove("/opt/containers/ml-frameworks/a1.sif");
     let r = bg.wait();
     r.assert_failed();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::{images, Cluster, Options, Run, Slurm, HOME, USER};
+use crate::harness::{images, wait_for, Cluster, Options, Run, Slurm, HOME, USER};
 
 crate::on_slurm_24_11!(
     a_fifo_swapped_in_for_an_image_never_blocks_a_node,
@@ -37,20 +37,6 @@ fn entry(name: &str, tag: &str, path: &str, extra: &str) -> String {
     format!("[[image]]\nname = \"{name}\"\ntag = \"{tag}\"\npath = \"{path}\"\n{extra}\n")
 }
 
-/// Polls `f` every 100 ms until it gives a value or `within` has passed.
-fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// Both nodes idle again (no job, no step left behind).
 fn nodes_idle(c: &Cluster) -> bool {
     let r = c.run(1, &[], &["sinfo", "-h", "-N", "-o", "%T"]);
@@ -76,42 +62,6 @@ fn with_alpha(more: &str) -> Options {
                 entry("alpha", "1", "ml-frameworks/a1.sif", "")
             ),
         )
-}
-
-/// Occupies both nodes with a batch job for `secs`, so the next srun
-/// resolves its image and then waits; returns once it runs.
-fn hold(c: &Cluster, secs: &str) -> String {
-    let r = c.run(
-        1,
-        &[],
-        &[
-            "sbatch",
-            "--parsable",
-            "-N2",
-            "--exclusive",
-            "--wrap",
-            &format!("sleep {secs}"),
-        ],
-    );
-    let id = r.assert_ok().stdout.trim().to_string();
-    wait_for(Duration::from_secs(15), || {
-        let q = c.run(1, &[], &["squeue", "-h", "-j", &id, "-o", "%T"]);
-        (q.stdout.trim() == "RUNNING").then_some(())
-    })
-    .unwrap_or_else(|| panic!("the holding job {id} never ran"));
-    id
-}
-
-/// Until a job other than `holder` pends (the srun, past its resolution).
-fn wait_pending(c: &Cluster, holder: &str) {
-    wait_for(Duration::from_secs(15), || {
-        let q = c.run(1, &[], &["squeue", "-h", "-t", "PD", "-o", "%i"]);
-        q.stdout
-            .split_whitespace()
-            .any(|id| id != holder)
-            .then_some(())
-    })
-    .expect("srun never pended");
 }
 
 /// Every log a job string could reach: both slurmd logs and the metrics log.
@@ -163,7 +113,7 @@ fn a_fifo_swapped_in_for_an_image_never_blocks_a_node() {
 
     // srun resolves and checks the regular file, then waits for the nodes;
     // meanwhile the user swaps in a FIFO that nobody ever opens for writing.
-    let holder = hold(&c, "5");
+    let holder = c.hold_every_node("5");
     let started = Instant::now();
     let bg = c.spawn_srun(&[
         "-N2",
@@ -172,7 +122,7 @@ fn a_fifo_swapped_in_for_an_image_never_blocks_a_node() {
         "/bin/cat",
         "/MARKER",
     ]);
-    wait_pending(&c, &holder);
+    c.wait_pending_besides(&holder);
     c.run(
         1,
         &[],

@@ -2,11 +2,11 @@
 //! with Apptainer, 2 nodes, jobs as `mluser`; `mluser2` shares mluser's
 //! primary group. Reports under the default /var/log/slurm/debug.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::{images, Cluster, Options, Run, Slurm};
+use crate::harness::{images, wait_for, Cluster, Options, Run, Slurm};
 
 crate::on_slurm_24_11!(
     a_report_is_the_users_alone_and_a_reused_job_id_starts_afresh,
@@ -20,20 +20,6 @@ const METRICS: &str = "/var/log/slurm/job_metrics.log";
 
 fn cluster(opts: Options) -> Cluster {
     Cluster::start_with(Slurm::V24_11, opts.with_scan_images(&["demo"]))
-}
-
-/// Polls `f` every 50 ms until it gives a value or `within` has passed.
-fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The report of `job` step 0 on `node`, read as root.
