@@ -4,6 +4,7 @@
 //!
 //! Here: the report and how a person reads it (`render`). Next to it:
 //! the analysis that fills its issues and recommendations (`analyze.rs`),
+//! the report a node assembles when a step fails there (`assemble.rs`),
 //! the merged view of a step across nodes (`timeline.rs`), the root-owned
 //! report directory (`files.rs`) and the metrics log and syslog
 //! (`metrics.rs`).
@@ -22,10 +23,12 @@ use crate::jobtext;
 use crate::probe::{CommandProbe, MasterProbe};
 
 mod analyze;
+mod assemble;
 mod files;
 mod metrics;
 mod timeline;
 
+pub use assemble::StepFacts;
 pub use files::{prune, read_job, OWNER_FILE, STALE_PREFIX};
 pub use metrics::{append_line, metrics_line, syslog, METRICS_LINE_CAP};
 pub use timeline::{
