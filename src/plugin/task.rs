@@ -260,8 +260,8 @@ fn user_may_read(host: &dyn Host, path: &Path) -> std::io::Result<()> {
 }
 
 /// The prefix that makes Apptainer/Singularity put a variable into the
-/// container over the image's own `%environment` (Apptainer docs,
-/// "Environment and Metadata": APPTAINERENV_ beats both).
+/// container over the image's own `%environment`: `APPTAINERENV_X` beats
+/// both the host's `X` and the image's (docs/DESIGN.md, Apptainer facts).
 fn runtime_env_prefix(kind: RuntimeKind) -> Option<&'static str> {
     match kind {
         RuntimeKind::Apptainer => Some("APPTAINERENV_"),
