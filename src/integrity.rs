@@ -27,6 +27,7 @@ use crate::config::VerifyLevel;
 use crate::registry::Pin;
 use crate::secure;
 use crate::sif::{self, SifError};
+use crate::squashfs::{self, SuperblockError};
 
 #[derive(Debug)]
 pub enum IntegrityError {
@@ -34,10 +35,11 @@ pub enum IntegrityError {
         path: PathBuf,
         source: io::Error,
     },
+    /// A plain squashfs image whose superblock is unsound: wrong version,
+    /// or more bytes claimed than the file has.
     Squashfs {
         path: PathBuf,
-        bytes_used: u64,
-        len: u64,
+        source: SuperblockError,
     },
     Size {
         path: PathBuf,
@@ -82,16 +84,15 @@ impl fmt::Display for IntegrityError {
             IntegrityError::Structure { path, source } => {
                 write!(f, "image {} is not a sound SIF file: {source}", shown(path))
             }
-            IntegrityError::Squashfs {
-                path,
-                bytes_used,
-                len,
-            } => write!(
-                f,
-                "squashfs image {} claims {bytes_used} bytes but the file has {len}: truncated; \
-                 re-copy it",
-                shown(path)
-            ),
+            IntegrityError::Squashfs { path, source } => match source {
+                SuperblockError::Size { bytes_used, len } => write!(
+                    f,
+                    "squashfs image {} claims {bytes_used} bytes but the file has {len}: \
+                     truncated; re-copy it",
+                    shown(path)
+                ),
+                other => write!(f, "squashfs image {}: {other}", shown(path)),
+            },
             IntegrityError::NoChecksum { path, image } => write!(
                 f,
                 "verify = \"full\" but the catalog has no sha256 for {image} ({}): add one with \
@@ -174,22 +175,16 @@ pub fn quick_file(
         }
     }
     // A plain squashfs image (Charliecloud's `.sqfs`) rather than a SIF:
-    // its superblock's `bytes_used` (u64 at 40, kernel
-    // fs/squashfs/squashfs_fs.h) must fit the file.
-    let mut sb = [0u8; 96];
+    // its superblock must be version 4 and its `bytes_used` fit the file
+    // (squashfs::check, the same check as a SIF's partition).
+    let mut sb = [0u8; squashfs::SUPERBLOCK_LEN as usize];
     let head = file.read(&mut sb[..4]).map_err(io_err)?;
-    if head == 4 && &sb[..4] == b"hsqs" {
+    if head == 4 && squashfs::has_magic(&sb) {
         file.read_exact(&mut sb[4..]).map_err(io_err)?;
-        let mut used = [0u8; 8];
-        used.copy_from_slice(&sb[40..48]);
-        let used = u64::from_le_bytes(used);
-        if used < 96 || used > meta.len() {
-            return Err(IntegrityError::Squashfs {
-                path: path.to_path_buf(),
-                bytes_used: used,
-                len: meta.len(),
-            });
-        }
+        squashfs::check(&sb, meta.len()).map_err(|source| IntegrityError::Squashfs {
+            path: path.to_path_buf(),
+            source,
+        })?;
         return Ok(());
     }
     sif::inspect(file, meta.len()).map_err(|source| IntegrityError::Structure {
@@ -391,11 +386,11 @@ mod tests {
         }
     }
 
-    /// A plain squashfs image's first bytes: magic and `bytes_used`.
+    /// A plain squashfs image of `len` bytes whose superblock says
+    /// `bytes_used`.
     fn sqfs(bytes_used: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
-        v[..4].copy_from_slice(b"hsqs");
-        v[40..48].copy_from_slice(&bytes_used.to_le_bytes());
+        v[..squashfs::SUPERBLOCK_LEN as usize].copy_from_slice(&squashfs::example(bytes_used));
         v
     }
 
@@ -429,11 +424,33 @@ mod tests {
         assert!(matches!(
             quick(&cut.0, None),
             Err(IntegrityError::Squashfs {
-                bytes_used: 8192,
-                len: 4096,
+                source: SuperblockError::Size {
+                    bytes_used: 8192,
+                    len: 4096,
+                },
                 ..
             })
         ));
+        // Squashfs 3.x: another layout, which no current kernel mounts.
+        let mut v3 = sqfs(4096, 4096);
+        v3[squashfs::MAJOR_AT..squashfs::MAJOR_AT + 2].copy_from_slice(&3u16.to_le_bytes());
+        let old = Temp::new("v3.sqfs", &v3);
+        let e = quick(&old.0, None).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                IntegrityError::Squashfs {
+                    source: SuperblockError::Version { major: 3, minor: 0 },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .ends_with("rebuild it with a current mksquashfs"),
+            "{e}"
+        );
         // Shorter than a superblock, or neither squashfs nor SIF.
         let tiny = Temp::new("tiny.sqfs", b"hsqs");
         assert!(quick(&tiny.0, None).is_err());

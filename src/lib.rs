@@ -34,3 +34,4 @@ pub mod secure;
 pub mod sif;
 #[allow(unsafe_code)]
 pub mod spank;
+pub mod squashfs;
