@@ -11,6 +11,7 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::tomlpos;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Where the site config lives unless `config=PATH` says otherwise.
@@ -580,18 +581,18 @@ impl SiteConfig {
     pub fn parse(path: &Path, text: &str) -> Result<SiteConfig, ConfigError> {
         let cfg: SiteConfig = toml::from_str(text).map_err(|e| {
             let (line, key) = match e.span() {
-                Some(span) => locate(text, span.start),
+                Some(span) => tomlpos::locate(text, span.start),
                 None => (1, String::new()),
             };
             ConfigError::Parse {
                 path: path.to_path_buf(),
                 line,
                 key,
-                message: one_line(e.message()),
+                message: tomlpos::one_line(e.message()),
             }
         })?;
         cfg.check_nccl().map_err(|(name, message)| {
-            let line = find_key_line(text, "nccl", &name).unwrap_or(1);
+            let line = tomlpos::find_key_line(text, "nccl", &name).unwrap_or(1);
             ConfigError::Parse {
                 path: path.to_path_buf(),
                 line,
@@ -633,11 +634,11 @@ impl SiteConfig {
             // Check each override alone so the error names the right one.
             root.clone()
                 .try_into::<SiteConfig>()
-                .map_err(|e| arg_err(key, value, one_line(e.message())))?;
+                .map_err(|e| arg_err(key, value, tomlpos::one_line(e.message())))?;
         }
         let cfg: SiteConfig = root
             .try_into()
-            .map_err(|e: toml::de::Error| arg_err("", "", one_line(e.message())))?;
+            .map_err(|e: toml::de::Error| arg_err("", "", tomlpos::one_line(e.message())))?;
         cfg.check_nccl()
             .map_err(|(name, message)| arg_err(&format!("nccl.{name}"), "", message))?;
         Ok(cfg)
@@ -699,65 +700,6 @@ fn read_limited(path: &Path) -> Result<String, ConfigError> {
             size,
         }),
     }
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// The 1-based line of byte `offset` and the dotted key written there
-/// (`section.key`), found from the text around it.
-fn locate(text: &str, offset: usize) -> (usize, String) {
-    let offset = offset.min(text.len());
-    let before = text.get(..offset).unwrap_or("");
-    let line_no = before.matches('\n').count() + 1;
-    let line = text.lines().nth(line_no - 1).unwrap_or("");
-    let section = text
-        .lines()
-        .take(line_no)
-        .filter_map(section_name)
-        .last()
-        .unwrap_or_default();
-    let key = match line.split_once('=') {
-        _ if section_name(line).is_some() => section.clone(),
-        Some((k, _)) => {
-            let k = k.trim().trim_matches('"');
-            if section.is_empty() {
-                k.to_string()
-            } else {
-                format!("{section}.{k}")
-            }
-        }
-        None => section.clone(),
-    };
-    (line_no, key)
-}
-
-fn section_name(line: &str) -> Option<String> {
-    let l = line.trim();
-    if l.starts_with('[') {
-        let inner = l.trim_start_matches('[');
-        let end = inner.find(']')?;
-        Some(inner[..end].trim().to_string())
-    } else {
-        None
-    }
-}
-
-fn find_key_line(text: &str, section: &str, key: &str) -> Option<usize> {
-    let mut current = String::new();
-    for (i, line) in text.lines().enumerate() {
-        if let Some(s) = section_name(line) {
-            current = s;
-        } else if current == section {
-            if let Some((k, _)) = line.split_once('=') {
-                if k.trim().trim_matches('"') == key {
-                    return Some(i + 1);
-                }
-            }
-        }
-    }
-    None
 }
 
 #[cfg(test)]

@@ -35,3 +35,4 @@ pub mod sif;
 #[allow(unsafe_code)]
 pub mod spank;
 pub mod squashfs;
+pub mod tomlpos;
