@@ -188,6 +188,64 @@ fn init_add_list_show_remove() {
     assert_eq!(cli(&e, &["frobnicate"]).status.code(), Some(2));
 }
 
+/// The commands `ml-container --help` lists: the first word of each line
+/// of its "commands:" block that starts at the block's indentation.
+fn listed_commands() -> Vec<String> {
+    let o = Command::new(env!("CARGO_BIN_EXE_ml-container"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let block = out.split_once("commands:\n").unwrap().1;
+    let mut names: Vec<String> = block
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    names.dedup();
+    names
+}
+
+/// The CLI's usage lives in one table (main.rs); the man page and the
+/// README must name every command in it, so the three cannot drift.
+#[test]
+fn every_command_is_in_the_man_page_and_the_readme() {
+    let commands = listed_commands();
+    assert!(commands.len() >= 17, "{commands:?}");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let man = fs::read_to_string(root.join("packaging/man/ml-container.8")).unwrap();
+    let readme = fs::read_to_string(root.join("README.md")).unwrap();
+    // Man page: a .TP entry whose tag starts with the command.
+    let man_tags: Vec<String> = man
+        .split(".TP\n")
+        .skip(1)
+        .filter_map(|entry| entry.lines().next())
+        .filter_map(|tag| {
+            let tag = tag.split_once(' ')?.1.trim_start_matches('"');
+            tag.split([' ', '"']).next().map(str::to_string)
+        })
+        .collect();
+    for c in &commands {
+        assert!(
+            man_tags.contains(c),
+            "'{c}' is in ml-container --help but not in packaging/man/ml-container.8 \
+             (its tags: {man_tags:?}): add a .TP entry"
+        );
+        assert!(
+            readme.contains(&format!("| `ml-container {c}")),
+            "'{c}' is in ml-container --help but not in README.md's \"Admin CLI\" table: \
+             add a row"
+        );
+        let help = Command::new(env!("CARGO_BIN_EXE_ml-container"))
+            .args([c.as_str(), "--help"])
+            .output()
+            .unwrap();
+        assert!(help.status.success(), "{c} --help: {}", text(&help));
+    }
+}
+
 #[test]
 fn fifty_concurrent_adds_and_a_thousand_resolutions() {
     let e = env("concurrent", "");
