@@ -1,4 +1,4 @@
-//! Node cache benchmark (issue 15), side by side in one run: what a step
+//! Node cache benchmark, side by side in one run: what a step
 //! on a node pays to get its image ready with `registry.node_cache` set,
 //! on the first launch (a miss: copy from the registry, hashing on the
 //! way) against later launches (a hit: owner, mode, size and the recorded

@@ -1,8 +1,8 @@
-//! Registry benchmarks (issue 3), printed side by side in one run:
+//! Registry benchmarks, printed side by side in one run:
 //!
 //! - resolution (open the registry, resolve a name) with catalogs of 10,
 //!   1,000 and 10,000 images, parsing the catalog against looking the name
-//!   up in the catalog index (issue 15), in srun and on a pinned node;
+//!   up in the catalog index, in srun and on a pinned node;
 //! - the `quick` integrity check of a 1 MB and a 5 GB (sparse) SIF;
 //! - sha256 throughput of `integrity::sha256_file` against `sha256sum` on
 //!   the same file.

@@ -1,4 +1,4 @@
-//! The catalog index, `<root>/.registry/catalog.idx` (issue 15): answers
+//! The catalog index, `<root>/.registry/catalog.idx`: answers
 //! "which image does `name:tag`, an alias or a bare `name` mean" in a few
 //! `pread`s instead of parsing the whole catalog (120 ms at 10,000 images).
 //!

@@ -9,8 +9,8 @@
 //!
 //! The lock file is mode 0600 and must belong to the writer (root), in
 //! `.registry/`, which only root can write: no user can open it, so no user
-//! can hold the lock (issue 10, L4: with the old 0644 file, `flock
-//! catalog.lock sleep 1000` as any user blocked every `ml-container add`).
+//! can hold the lock (with the old 0644 file, `flock catalog.lock sleep
+//! 1000` as any user blocked every `ml-container add`).
 //! An older 0644 file is closed to others on first use. The lock is tried
 //! until a deadline (10 s, `ML_CONTAINER_LOCK_TIMEOUT` seconds), and the
 //! error names the process that holds it (from /proc/locks).

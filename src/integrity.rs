@@ -11,8 +11,9 @@
 //! hashing within a chunk. A node hashes a file once: the sum it found is
 //! cached in a root-owned directory under a key of device, inode, size,
 //! mtime and ctime, whether it matched or not, so neither a good nor a
-//! wrong file is hashed again at every step (USERS.md #2: verify once per
-//! node, not per task); a changed or replaced file misses the cache.
+//! wrong file is hashed again at every step (verify once per node, not per
+//! task: docs/DESIGN.md, Decisions); a changed or replaced file misses the
+//! cache.
 #![forbid(unsafe_code)]
 
 use std::fmt;

@@ -1,4 +1,4 @@
-//! The node-local image cache (issue 15, `registry.node_cache`,
+//! The node-local image cache (`registry.node_cache`,
 //! `registry.node_cache_max`): the first step on a node that needs an image
 //! copies it from the registry to local disk, and the node's steps then run
 //! it from there.

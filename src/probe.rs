@@ -1,7 +1,7 @@
-//! Node state for failure reports (seed 002 §5.5): memory, OOM kills,
+//! Node state for failure reports: memory, OOM kills,
 //! listening ports, whether the master answers, and GPUs through
 //! nvidia-smi. Every probe that can block has a timeout: a hung
-//! `nvidia-smi` must never hold a step (issue 6).
+//! `nvidia-smi` must never hold a step.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -199,8 +199,9 @@ pub struct MasterProbe {
     pub port: u16,
     pub reachable: bool,
     pub error: Option<String>,
-    /// When the probe ran (issue 14: only where it can tell something, at
-    /// a node's first failure while other tasks of the step still ran).
+    /// When the probe ran: only where it can tell something, at a node's
+    /// first failure while other tasks of the step still ran
+    /// (docs/DESIGN.md, Decisions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -211,7 +212,8 @@ pub struct MasterProbe {
 /// resolution included) within `timeout`. The caller passes the plugin's
 /// own MASTER_ADDR:MASTER_PORT (computed from Slurm's step facts and the
 /// site config), never a value from the job environment: root connecting
-/// wherever a job says would be a port scan from root (issue 10, L5).
+/// wherever a job says would be a port scan from root (docs/DESIGN.md,
+/// Decisions).
 pub fn probe_master(addr: &str, port: u16, timeout: Duration) -> MasterProbe {
     probe_master_with(addr, port, timeout, |a: String, p: u16| {
         (a.as_str(), p).to_socket_addrs().map(Iterator::collect)

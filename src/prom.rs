@@ -1,4 +1,4 @@
-//! Prometheus metrics for node_exporter's textfile collector (issue 14):
+//! Prometheus metrics for node_exporter's textfile collector:
 //! with `failure.prometheus_dir` set, each node keeps `ml-container.prom`
 //! there, rewritten when the node's last task of a step has ended.
 //!

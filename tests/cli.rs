@@ -1,4 +1,4 @@
-//! The admin CLI on a real registry in a temporary directory (issue 7):
+//! The admin CLI on a real registry in a temporary directory:
 //! concurrent writers and readers, verify, doctor, exit codes. Runs as root
 //! (the CLI chowns the registry to root, as `init` does on a cluster).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -459,7 +459,7 @@ fn plus_in_tags_and_one_line_per_copied_image() {
     }
 }
 
-/// Issue 10, L4: a user holding the catalog lock (an older install's 0644
+/// A user holding the catalog lock (an older install's 0644
 /// lock file, opened before the CLI closed it) makes `add` fail within its
 /// deadline, naming the holder; afterwards no user can open the lock at all.
 #[test]
@@ -531,7 +531,7 @@ fn a_users_flock_on_the_catalog_lock_fails_add_within_the_deadline_naming_them()
     assert!(o.status.success(), "{}", text(&o));
 }
 
-/// Issue 10, L6: `prune` expires job directories (and those moved aside for
+/// Bounded logs: `prune` expires job directories (and those moved aside for
 /// a reused job id) and leaves everything else, and symlinks' targets, alone.
 #[test]
 fn prune_removes_old_job_directories_only() {
@@ -581,7 +581,7 @@ fn prune_removes_old_job_directories_only() {
     );
 }
 
-/// Issue 15: the index add/remove keep beside the catalog; a hand edit
+/// The index add/remove keep beside the catalog; a hand edit
 /// makes it stale (resolution then parses the catalog, and says what the
 /// edit says), `doctor` notes it and `reindex` rewrites it.
 #[test]
@@ -652,7 +652,7 @@ fn a_hand_edited_catalog_is_read_not_its_stale_index() {
     assert!(text(&o).contains("catalog.toml:"), "{}", text(&o));
 }
 
-/// Issue 15: this node's cache through the CLI: fill copies once (then
+/// This node's cache through the CLI: fill copies once (then
 /// says it is there), list and check show it, a changed copy is flagged
 /// and pruned, an image without sha256 is never cached.
 #[test]

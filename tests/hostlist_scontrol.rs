@@ -761,7 +761,8 @@ fn whitespace_separators_match_scontrol(rules: Rules) {
     }
 }
 
-/// The naming schemes of issue 11, one `scontrol` call each: identical
+/// Site naming schemes (`gpu[01-02]-ib`, rack and node groups, padded
+/// ranges), one `scontrol` call each: identical
 /// hosts, or (22.05, text after brackets) invalid on both sides.
 fn site_naming_schemes_match_scontrol(rules: Rules) {
     let scontrol = Scontrol::new(rules);

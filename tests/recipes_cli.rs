@@ -1,5 +1,5 @@
 //! `ml-container recipes` and `ml-container build` on a temporary registry
-//! (issue 13): rendering, unknown variables, the build timeout, and that a
+//! rendering, unknown variables, the build timeout, and that a
 //! failed build leaves the catalog and the registry as they were. The
 //! runtime here is a stand-in script (`runtime.path`): Apptainer runs only
 //! in the trixie root, where the cluster tests build the real pytorch-debian
@@ -136,7 +136,8 @@ fn recipes_lists_the_shipped_recipes_with_their_variables() {
 }
 
 /// CI's check of pytorch-cuda (building it needs the NVIDIA base image):
-/// seed 000's custom configuration renders into a definition with every
+/// a site's custom configuration (PyTorch 2.1 for CUDA 12.1, Open MPI,
+/// parallel build, its own wheel mirror) renders into a definition with every
 /// value in place and nothing left of the template.
 #[test]
 fn pytorch_cuda_renders_for_the_custom_configuration() {

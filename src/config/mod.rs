@@ -1,7 +1,7 @@
 //! The site configuration, `/etc/slurm/ml-container.toml` (SPEC "Site config").
 //!
-//! Sources, in order of precedence (USERS.md #5: one documented source per
-//! setting): built-in defaults, then the file, then `key=value` arguments on
+//! Sources, in order of precedence (one documented source per setting:
+//! docs/DESIGN.md, Decisions): built-in defaults, then the file, then `key=value` arguments on
 //! the plugstack line (`runtime.gpus=off`). A missing file means defaults; a
 //! malformed one is an error naming the file, the line and the key.
 //!
@@ -33,7 +33,8 @@ pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistryConfig {
-    /// The registry root (seed 001 layout).
+    /// The registry root: `ml-frameworks/`, `custom-images/`,
+    /// `base-images/` and `.registry/` (the catalog) under it.
     pub root: AbsPath,
     /// Directories under the root scanned for `<name>.sif`.
     pub search_dirs: Vec<String>,
@@ -75,7 +76,8 @@ pub struct RuntimeConfig {
     /// The runtime binary; unset: looked up in PATH by kind.
     pub path: Option<AbsPath>,
     pub gpus: GpuPolicy,
-    /// Default binds, `SRC[:DST[:ro|rw]]` (seed 002: data, work, models).
+    /// Default binds, `SRC[:DST[:ro|rw]]` (the documented example binds
+    /// the site's data, work and models directories).
     pub binds: Vec<String>,
     /// Paths users may not bind onto or from.
     pub denied_binds: Vec<AbsPath>,

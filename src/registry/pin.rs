@@ -135,7 +135,8 @@ mod tests {
     use crate::registry::tests::{fixture, CATALOG};
     use crate::registry::Registry;
 
-    /// The node resolves itself; srun's pin only confirms (M1).
+    /// The node resolves itself; srun's pin only confirms (docs/DESIGN.md,
+    /// Decisions).
     #[test]
     fn a_pin_confirms_and_never_chooses() {
         let f = fixture("pin", CATALOG);

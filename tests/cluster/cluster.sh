@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A throwaway multi-node Slurm cluster on one machine (shared/PLATFORM.md).
+# A throwaway multi-node Slurm cluster on one machine (docs/DESIGN.md,
+# Slurm facts per release: several slurmd on one machine).
 #
 #   unshare --mount --pid --fork --kill-child -- cluster.sh LOWER NODES PLUGIN_SO STAGE [CMD...]
 #
@@ -70,7 +71,8 @@ for e in /dev/* /dev/.[!.]*; do
 done
 mount -t tmpfs -o mode=1777 tmpfs "$R/tmp"
 mount -t tmpfs -o mode=0755 tmpfs "$R/run"
-# Unprivileged Apptainer mounts SIF images with squashfuse (PLATFORM.md).
+# Unprivileged Apptainer mounts SIF images with squashfuse, and /dev/fuse
+# is 0600 on these machines (docs/DESIGN.md, Apptainer facts).
 [[ -e /dev/fuse ]] && chmod 0666 /dev/fuse
 
 plugin_dir=/usr/lib/x86_64-linux-gnu/slurm-wlm
@@ -85,8 +87,8 @@ echo 'include /etc/slurm/plugstack.conf.d/*.conf' >"$R/etc/slurm/plugstack.conf"
     for i in $(seq 1 "$NODES"); do echo "10.77.0.$i $(name "$i")"; done
 } >"$R/etc/hosts"
 
-# slurm.conf: the settings PLATFORM.md verified for several slurmd on one
-# machine. config_overrides lets nodes claim 4 CPUs on a 2-core machine.
+# slurm.conf: the settings verified for several slurmd on one machine
+# (docs/DESIGN.md, Slurm facts per release). config_overrides lets nodes claim 4 CPUs on a 2-core machine.
 cat >"$R/etc/slurm/slurm.conf" <<CONF
 ClusterName=mlc
 SlurmctldHost=$(name 1)(10.77.0.1)

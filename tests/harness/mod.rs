@@ -1,4 +1,5 @@
-//! The real-cluster test harness (issue 2, shared/PLATFORM.md).
+//! The real-cluster test harness (docs/DESIGN.md, Slurm facts per release:
+//! several slurmd on one machine).
 //!
 //! `Cluster::start` builds the plugin against the chosen Slurm's headers
 //! (once per test process), then runs `tests/cluster/cluster.sh` as pid 1 of

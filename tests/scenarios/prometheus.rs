@@ -1,4 +1,4 @@
-//! Issue 14, Prometheus: with `failure.prometheus_dir` set, each node keeps
+//! Prometheus: with `failure.prometheus_dir` set, each node keeps
 //! `ml-container.prom` for node_exporter's textfile collector. The real
 //! `prometheus-node-exporter` (Debian's) serves it over HTTP on a loopback
 //! port of the host; `promtool check metrics` (Debian's `prometheus`)

@@ -1,4 +1,4 @@
-//! Issue 3 (registry, catalog, resolution) acceptance: Slurm 24.11 with
+//! Registry, catalog and resolution: Slurm 24.11 with
 //! Apptainer, 2 nodes, jobs as `mluser`. Each test image carries /MARKER
 //! with its own name, so the output says which image really ran.
 
@@ -156,7 +156,7 @@ fn escapes_are_refused_in_srun_before_any_node_runs(slurm: Slurm) {
     assert_eq!(r.assert_ok().stdout.trim(), "1", "{r}");
 }
 
-/// Issue 10 (M1) changed this: a node resolves the image again from its
+/// The node never believes srun (docs/DESIGN.md, Decisions): a node resolves the image again from its
 /// own catalog and srun's pin may only confirm it, so a catalog rewritten
 /// while srun waits fails the step with a clear message (it used to run
 /// the pinned image, which meant believing a value the user can set).
