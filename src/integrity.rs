@@ -369,21 +369,18 @@ mod tests {
         assert_eq!(sha256_reader(&big[..]).unwrap().len(), 64);
     }
 
-    /// A file under the temp dir, removed on drop.
-    struct Temp(PathBuf);
+    /// A file of the test's own, removed with its directory on drop.
+    struct Temp {
+        path: PathBuf,
+        _dir: tempfile::TempDir,
+    }
 
     impl Temp {
         fn new(name: &str, bytes: &[u8]) -> Temp {
-            let p =
-                std::env::temp_dir().join(format!("mlc-integrity-{}-{name}", std::process::id()));
-            fs::write(&p, bytes).unwrap();
-            Temp(p)
-        }
-    }
-
-    impl Drop for Temp {
-        fn drop(&mut self) {
-            let _ = fs::remove_file(&self.0);
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(name);
+            fs::write(&path, bytes).unwrap();
+            Temp { path, _dir: dir }
         }
     }
 
@@ -412,9 +409,9 @@ mod tests {
     #[test]
     fn quick_checks_plain_squashfs_and_refuses_others() {
         let good = Temp::new("good.sqfs", &sqfs(4096, 4096));
-        quick(&good.0, Some(4096)).unwrap();
+        quick(&good.path, Some(4096)).unwrap();
         assert!(matches!(
-            quick(&good.0, Some(4097)),
+            quick(&good.path, Some(4097)),
             Err(IntegrityError::Size {
                 expected: 4097,
                 actual: 4096,
@@ -423,7 +420,7 @@ mod tests {
         ));
         let cut = Temp::new("cut.sqfs", &sqfs(8192, 4096));
         assert!(matches!(
-            quick(&cut.0, None),
+            quick(&cut.path, None),
             Err(IntegrityError::Squashfs {
                 source: SuperblockError::Size {
                     bytes_used: 8192,
@@ -436,7 +433,7 @@ mod tests {
         let mut v3 = sqfs(4096, 4096);
         v3[squashfs::MAJOR_AT..squashfs::MAJOR_AT + 2].copy_from_slice(&3u16.to_le_bytes());
         let old = Temp::new("v3.sqfs", &v3);
-        let e = quick(&old.0, None).unwrap_err();
+        let e = quick(&old.path, None).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -454,10 +451,10 @@ mod tests {
         );
         // Shorter than a superblock, or neither squashfs nor SIF.
         let tiny = Temp::new("tiny.sqfs", b"hsqs");
-        assert!(quick(&tiny.0, None).is_err());
+        assert!(quick(&tiny.path, None).is_err());
         let text = Temp::new("text.sif", &[b'x'; 200]);
         assert!(matches!(
-            quick(&text.0, None),
+            quick(&text.path, None),
             Err(IntegrityError::Structure { .. })
         ));
         assert!(matches!(
@@ -487,7 +484,7 @@ mod tests {
         let sum = sha256_reader(&bytes[..]).unwrap();
         assert!(matches!(
             run(
-                &pin(&f.0, 4096, Some(&sum)),
+                &pin(&f.path, 4096, Some(&sum)),
                 VerifyLevel::Full,
                 None,
                 &never
@@ -497,7 +494,7 @@ mod tests {
         let wrong = "0".repeat(64);
         assert!(matches!(
             run(
-                &pin(&f.0, 4096, Some(&wrong)),
+                &pin(&f.path, 4096, Some(&wrong)),
                 VerifyLevel::Full,
                 None,
                 &never
@@ -505,11 +502,11 @@ mod tests {
             Err(IntegrityError::Checksum { .. })
         ));
         assert!(matches!(
-            run(&pin(&f.0, 4096, None), VerifyLevel::Full, None, &never),
+            run(&pin(&f.path, 4096, None), VerifyLevel::Full, None, &never),
             Err(IntegrityError::NoChecksum { .. })
         ));
         assert_eq!(
-            run(&pin(&f.0, 4096, None), VerifyLevel::Quick, None, &never).unwrap(),
+            run(&pin(&f.path, 4096, None), VerifyLevel::Quick, None, &never).unwrap(),
             Verified::Quick
         );
     }
@@ -540,7 +537,7 @@ mod tests {
         let sum = sha256_reader(&bytes[..]).unwrap();
         assert!(matches!(
             run(
-                &pin(&f.0, 4096, Some(&sum)),
+                &pin(&f.path, 4096, Some(&sum)),
                 VerifyLevel::Full,
                 None,
                 &|| true
@@ -554,8 +551,8 @@ mod tests {
         if !nix::unistd::geteuid().is_root() {
             return; // the cache only trusts root's entries
         }
-        let dir = std::env::temp_dir().join(format!("mlc-hashcache-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let bytes = sqfs(4096, 4096);
         let f = Temp::new("remember.sqfs", &bytes);
         let sum = sha256_reader(&bytes[..]).unwrap();
@@ -567,7 +564,7 @@ mod tests {
         };
         for _ in 0..3 {
             let e = run(
-                &pin(&f.0, 4096, Some(&wrong)),
+                &pin(&f.path, 4096, Some(&wrong)),
                 VerifyLevel::Full,
                 Some(&dir),
                 &counting,
@@ -583,7 +580,7 @@ mod tests {
         // The right sum for the same file comes from the cache too.
         assert_eq!(
             run(
-                &pin(&f.0, 4096, Some(&sum)),
+                &pin(&f.path, 4096, Some(&sum)),
                 VerifyLevel::Full,
                 Some(&dir),
                 &counting
@@ -592,6 +589,5 @@ mod tests {
             Verified::Cached
         );
         assert_eq!(hashed.get(), 2);
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

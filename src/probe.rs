@@ -441,8 +441,8 @@ mod tests {
 
     #[test]
     fn oom_kills_are_summed_over_the_steps_tree() {
-        let root = std::env::temp_dir().join(format!("mlc-cgtree-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&root);
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
         let step = root.join("job_7/step_0");
         for (dir, kills) in [("", 0), ("task_0", 2), ("task_1", 0), ("user/task_2", 1)] {
             let d = step.join(dir);
@@ -474,7 +474,6 @@ mod tests {
         // The step's own file unreadable: unknown, not zero.
         fs::remove_file(step.join("memory.oom_control")).unwrap();
         assert_eq!(cgroup_tree_oom_kills(&cg), None);
-        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
@@ -546,7 +545,8 @@ mod tests {
         run(&["ip", "link", "set", "lo", "up"]);
         // A name server that reads queries and never answers.
         let server = std::net::UdpSocket::bind("127.0.0.1:53").unwrap();
-        let conf = std::env::temp_dir().join(format!("mlc-resolv-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let conf = tmp.path().join("resolv.conf");
         fs::write(
             &conf,
             "nameserver 127.0.0.1\noptions timeout:30 attempts:1\n",
@@ -566,7 +566,6 @@ mod tests {
         let t = Instant::now();
         let p = probe_master(name, 29500, Duration::from_secs(2));
         let took = t.elapsed();
-        let _ = fs::remove_file(&conf);
         assert!(!p.reachable, "{p:?}");
         assert!(
             took < Duration::from_millis(2500),

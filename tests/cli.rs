@@ -14,32 +14,34 @@ use slurm_ml_container::config::{PlugstackArgs, SiteConfig};
 use slurm_ml_container::registry::Registry;
 use slurm_ml_container::{integrity, sif};
 
+/// A registry and its config under a directory of the test's own,
+/// removed on drop.
 struct Env {
     dir: PathBuf,
     config: PathBuf,
+    _tmp: tempfile::TempDir,
 }
 
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn env(name: &str, extra_config: &str) -> Env {
-    let dir = std::env::temp_dir().join(format!("mlc-cli-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
+/// `{dir}` in `extra_config` stands for the test's directory.
+fn env(extra_config: &str) -> Env {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
     let config = dir.join("ml-container.toml");
     fs::write(
         &config,
         format!(
-            "[registry]\nroot = \"{}/containers\"\n{extra_config}",
-            dir.display()
+            "[registry]\nroot = \"{}/containers\"\n{}",
+            dir.display(),
+            extra_config.replace("{dir}", &dir.display().to_string())
         ),
     )
     .unwrap();
-    Env { dir, config }
+    Env {
+        dir,
+        config,
+        _tmp: tmp,
+    }
 }
 
 fn cli(e: &Env, args: &[&str]) -> Output {
@@ -73,7 +75,7 @@ fn root(e: &Env) -> PathBuf {
 
 #[test]
 fn init_add_list_show_remove() {
-    let e = env("basic", "");
+    let e = env("");
     let o = cli(&e, &["init"]);
     assert!(o.status.success(), "{}", text(&o));
     for d in ["ml-frameworks", "custom-images", "base-images", ".registry"] {
@@ -248,7 +250,7 @@ fn every_command_is_in_the_man_page_and_the_readme() {
 
 #[test]
 fn fifty_concurrent_adds_and_a_thousand_resolutions() {
-    let e = env("concurrent", "");
+    let e = env("");
     assert!(cli(&e, &["init"]).status.success());
     let frameworks = root(&e).join("ml-frameworks");
     for i in 0..50 {
@@ -353,7 +355,7 @@ fn fifty_concurrent_adds_and_a_thousand_resolutions() {
 
 #[test]
 fn verify_names_the_corrupted_image_and_doctor_flags_problems() {
-    let e = env("verify", "[runtime]\npath = \"/nonexistent/apptainer\"\n");
+    let e = env("[runtime]\npath = \"/nonexistent/apptainer\"\n");
     assert!(cli(&e, &["init"]).status.success());
     for name in ["good", "bad"] {
         let f = root(&e).join(format!("ml-frameworks/{name}.sif"));
@@ -401,7 +403,7 @@ fn verify_names_the_corrupted_image_and_doctor_flags_problems() {
 /// what to pass instead.
 #[test]
 fn plus_in_tags_and_one_line_per_copied_image() {
-    let e = env("plus", "");
+    let e = env("");
     assert!(cli(&e, &["init"]).status.success());
     let src = e.dir.join("torch.sif");
     sif_file(&src);
@@ -464,7 +466,7 @@ fn plus_in_tags_and_one_line_per_copied_image() {
 /// deadline, naming the holder; afterwards no user can open the lock at all.
 #[test]
 fn a_users_flock_on_the_catalog_lock_fails_add_within_the_deadline_naming_them() {
-    let e = env("lock", "");
+    let e = env("");
     assert!(cli(&e, &["init"]).status.success());
     let f = root(&e).join("ml-frameworks/a.sif");
     sif_file(&f);
@@ -535,14 +537,9 @@ fn a_users_flock_on_the_catalog_lock_fails_add_within_the_deadline_naming_them()
 /// a reused job id) and leaves everything else, and symlinks' targets, alone.
 #[test]
 fn prune_removes_old_job_directories_only() {
-    // Inside the test's own directory (env() makes it anew).
-    let reports = std::env::temp_dir()
-        .join(format!("mlc-cli-prune-{}", std::process::id()))
-        .join("reports");
-    let e = env(
-        "prune",
-        &format!("[failure]\nreport_dir = \"{}\"\n", reports.display()),
-    );
+    // Inside the test's own directory.
+    let e = env("[failure]\nreport_dir = \"{dir}/reports\"\n");
+    let reports = e.dir.join("reports");
     fs::create_dir_all(reports.join("17")).unwrap();
     fs::write(reports.join("17/0.n1.json"), "{}").unwrap();
     fs::create_dir_all(reports.join(".stale-17-1-2")).unwrap();
@@ -586,7 +583,7 @@ fn prune_removes_old_job_directories_only() {
 /// edit says), `doctor` notes it and `reindex` rewrites it.
 #[test]
 fn a_hand_edited_catalog_is_read_not_its_stale_index() {
-    let e = env("reindex", "");
+    let e = env("");
     assert!(cli(&e, &["init"]).status.success());
     let frameworks = root(&e).join("ml-frameworks");
     for i in 0..3 {
@@ -657,7 +654,7 @@ fn a_hand_edited_catalog_is_read_not_its_stale_index() {
 /// and pruned, an image without sha256 is never cached.
 #[test]
 fn cache_fill_list_check_prune_on_a_node() {
-    let e = env("cache", "");
+    let e = env("");
     let cache_dir = e.dir.join("node-cache/%n");
     fs::write(
         &e.config,
@@ -745,7 +742,7 @@ fn cache_fill_list_check_prune_on_a_node() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("no sha256"), "{}", text(&o));
     // Off: a clear error naming the key.
-    let e2 = env("cache-off", "");
+    let e2 = env("");
     let o = cli(&e2, &["cache", "list"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(

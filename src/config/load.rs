@@ -496,8 +496,8 @@ probe_timeout = 2
     #[test]
     fn root_refuses_an_untrusted_config() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("mlc-cfg-trust-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let path = dir.join("ml-container.toml");
@@ -515,7 +515,6 @@ probe_timeout = 2
         chmod(&dir, 0o777).unwrap();
         let dir_writable = SiteConfig::load(&args);
         chmod(&dir, 0o755).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(good.unwrap().runtime.gpus, GpuPolicy::Off);
         if nix::unistd::geteuid().is_root() {
             for (what, r) in [("file", writable), ("directory", dir_writable)] {

@@ -99,7 +99,7 @@ mod tests {
     /// still go the full way.
     #[test]
     fn the_index_answers_as_the_catalog_does() {
-        let f = fixture("index", CATALOG);
+        let f = fixture(CATALOG);
         index(&f);
         for (reference, from_index) in [
             ("pytorch", true),
@@ -136,7 +136,7 @@ mod tests {
     #[test]
     fn a_stale_or_untrusted_index_is_bypassed() {
         use std::os::unix::fs::PermissionsExt;
-        let f = fixture("index-stale", CATALOG);
+        let f = fixture(CATALOG);
         index(&f);
         let cat = f.cfg.root.0.join(catalog::CATALOG_PATH);
         // Same length: only the identity tells.

@@ -256,20 +256,16 @@ mod tests {
     use super::*;
     use crate::config::AbsPath;
 
+    /// The registry under a directory of the test's own, removed on drop.
     pub(super) struct Fixture {
         pub(super) dir: PathBuf,
         pub(super) cfg: RegistryConfig,
+        _tmp: tempfile::TempDir,
     }
 
-    impl Drop for Fixture {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
-    }
-
-    pub(super) fn fixture(name: &str, catalog: &str) -> Fixture {
-        let dir = std::env::temp_dir().join(format!("mlc-reg-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+    pub(super) fn fixture(catalog: &str) -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let root = dir.join("containers");
         for d in ["ml-frameworks", "custom-images", "base-images", ".registry"] {
             fs::create_dir_all(root.join(d)).unwrap();
@@ -295,7 +291,11 @@ mod tests {
             owner: nix::unistd::getuid().as_raw().to_string(),
             ..RegistryConfig::default()
         };
-        Fixture { dir, cfg }
+        Fixture {
+            dir,
+            cfg,
+            _tmp: tmp,
+        }
     }
 
     pub(super) const CATALOG: &str = r#"version = 1
@@ -322,7 +322,7 @@ path = "base-images/escape.sif"
 
     #[test]
     fn resolution_order() {
-        let f = fixture("order", CATALOG);
+        let f = fixture(CATALOG);
         let r = Registry::open(&f.cfg).unwrap();
         let p = r.resolve("pytorch").unwrap();
         assert_eq!(
@@ -343,7 +343,7 @@ path = "base-images/escape.sif"
 
     #[test]
     fn unknown_lists_closest() {
-        let f = fixture("unknown", CATALOG);
+        let f = fixture(CATALOG);
         let r = Registry::open(&f.cfg).unwrap();
         let e = r.resolve("pytorh").unwrap_err();
         let msg = e.to_string();
@@ -363,7 +363,7 @@ path = "base-images/escape.sif"
 
     #[test]
     fn registry_settings_apply() {
-        let f = fixture("settings", CATALOG);
+        let f = fixture(CATALOG);
         let r = Registry::open(&f.cfg).unwrap();
         assert_eq!(r.verify_level(), VerifyLevel::Quick);
         assert!(r.resolve("scanned").is_ok());

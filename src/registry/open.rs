@@ -202,7 +202,7 @@ mod tests {
 
     #[test]
     fn escapes_are_refused() {
-        let f = fixture("escape", CATALOG);
+        let f = fixture(CATALOG);
         let r = Registry::open(&f.cfg).unwrap();
         let outside = f.dir.join("outside/evil.sif");
         assert!(matches!(
@@ -240,7 +240,7 @@ mod tests {
     #[test]
     fn untrusted_catalog_refused() {
         use std::os::unix::fs::PermissionsExt;
-        let f = fixture("trust", CATALOG);
+        let f = fixture(CATALOG);
         let cat = f.cfg.root.0.join(".registry/catalog.toml");
         fs::set_permissions(&cat, fs::Permissions::from_mode(0o666)).unwrap();
         // Opening does not read the catalog (a pinned node never needs it);
@@ -254,7 +254,7 @@ mod tests {
 
     #[test]
     fn images_are_opened_once_safely() {
-        let f = fixture("fifo", CATALOG);
+        let f = fixture(CATALOG);
         let root = &f.cfg.root.0;
         // A FIFO where the catalog's image should be: refused at once (a
         // blocking open would hang this test: nobody writes the FIFO).
@@ -273,7 +273,7 @@ mod tests {
 
     #[test]
     fn the_user_check_runs_before_root_opens() {
-        let f = fixture("user", CATALOG);
+        let f = fixture(CATALOG);
         let r = Registry::open(&f.cfg).unwrap();
         let asked = std::cell::RefCell::new(Vec::new());
         let deny = |p: &Path| {

@@ -139,7 +139,7 @@ mod tests {
     /// Decisions).
     #[test]
     fn a_pin_confirms_and_never_chooses() {
-        let f = fixture("pin", CATALOG);
+        let f = fixture(CATALOG);
         let r = Registry::open(&f.cfg).unwrap();
         let srun = r.resolve("pytorch:2.1").unwrap();
         let back = Pin::decode(&srun.encode()).unwrap();

@@ -552,7 +552,8 @@ fn the_hash_cache_trusts_only_roots_own_entries() {
     let mut data = std::fs::read(&img["a1"]).unwrap();
     let mid = data.len() / 2;
     data[mid] ^= 0xff;
-    let flipped = std::env::temp_dir().join(format!("mlc-sec-flip-{}.sif", std::process::id()));
+    let tmp = tempfile::tempdir().unwrap();
+    let flipped = tmp.path().join("flipped.sif");
     std::fs::write(&flipped, &data).unwrap();
     let c = Cluster::start_with(
         Slurm::V24_11,
@@ -572,7 +573,7 @@ fn the_hash_cache_trusts_only_roots_own_entries() {
             )
             .file(CONFIG, "[registry]\nverify = \"full\"\n"),
     );
-    let _ = std::fs::remove_file(&flipped);
+    drop(tmp);
     let key = cache_key(&c, "/opt/containers/ml-frameworks/flipped.sif");
     let dir = "/var/cache/slurm-ml-container/sha256";
     let entry_path = format!("{dir}/{key}");
