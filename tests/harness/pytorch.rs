@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use super::{manifest_dir, Cluster, Options, Slurm, REGISTRY};
+use super::slurm::manifest_dir;
+use super::{Cluster, Options, Slurm, REGISTRY};
 
 /// Where scenarios find the image: the cache directory is bound read-only
 /// here, inside the registry root (the default allowed directory).
