@@ -492,7 +492,7 @@ probe_timeout = 2
     }
 
     /// As root, a site config someone else could change is refused, with
-    /// the fix; as any other user the same file is read (I4).
+    /// the fix; as any other user the same file is read.
     #[test]
     fn root_refuses_an_untrusted_config() {
         use std::os::unix::fs::PermissionsExt;
