@@ -29,7 +29,11 @@ PLUGIN=$3
 STAGE=$4
 shift 4
 CMD=("$@")
-SCRATCH=$(mktemp -d /tmp/mlc-cluster.XXXXXX)
+# The mount point of the cluster's tmpfs. It stays behind on the host as an
+# empty directory (the tmpfs lives only in this mount namespace), so the
+# test harness puts it in its own temporary directory (MLC_SCRATCH_PARENT),
+# which it removes; the demo leaves it in /tmp.
+SCRATCH=$(mktemp -d "${MLC_SCRATCH_PARENT:-/tmp}/mlc-cluster.XXXXXX")
 
 log() { echo "cluster: $*" >&2; }
 die() { log "$*"; exit 1; }

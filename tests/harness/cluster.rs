@@ -176,6 +176,8 @@ impl Cluster {
             .arg(opts.nodes.to_string())
             .arg(&plugin)
             .arg(&stage)
+            // The tmpfs mount point goes in our scratch dir, removed on drop.
+            .env("MLC_SCRATCH_PARENT", scratch.path())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(fs::File::create(&log_path).expect("cluster log"))
