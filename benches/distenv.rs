@@ -1,4 +1,4 @@
-//! Distributed-environment benchmarks (issue 4), printed side by side:
+//! Distributed-environment benchmarks, printed side by side:
 //! first host against full expansion of 10, 1,000 and 100,000-node lists,
 //! and the per-task environment computation. `cargo bench --bench distenv`.
 #![allow(clippy::unwrap_used)]

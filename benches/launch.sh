@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Launch overhead of the plugin (issue 5), printed side by side in one run,
+# Launch overhead of the plugin, printed side by side in one run,
 # on a throwaway 2-node Slurm 24.11 cluster with Apptainer 1.4.5:
 #   bare         srun -N2 -n4 /bin/true
 #   hand-written srun -N2 -n4 apptainer exec <same binds> demo.sif /bin/true

@@ -1,4 +1,4 @@
-//! Node cache benchmark (issue 15), side by side in one run: what a step
+//! Node cache benchmark, side by side in one run: what a step
 //! on a node pays to get its image ready with `registry.node_cache` set,
 //! on the first launch (a miss: copy from the registry, hashing on the
 //! way) against later launches (a hit: owner, mode, size and the recorded
@@ -12,6 +12,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::fs::{self, File};
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -38,9 +39,10 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(512);
-    let dir = std::env::temp_dir().join(format!("mlc-bench-nc-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
+    // The benchmark's own directory (0755, as a registry's), removed on drop.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
     let image = dir.join("registry-image.sif");
     let mut data = vec![0u8; mb << 20];
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -142,7 +144,6 @@ fn main() {
         ms(all),
         read
     );
-    let _ = fs::remove_dir_all(&dir);
     let _: PathBuf = image;
 }
 

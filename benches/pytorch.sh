@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # import torch and a DDP init (gloo, env://, one barrier) across 2 nodes x 2
-# tasks, side by side in one run (issue 13), on a throwaway Slurm 24.11
+# tasks, side by side in one run, on a throwaway Slurm 24.11
 # cluster with the test suite's pytorch image (built first if not cached):
 #   bare         srun python3 from the image's Debian tree, no container
 #                (its own dynamic loader and libraries, PYTHONHOME; the

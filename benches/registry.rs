@@ -1,8 +1,8 @@
-//! Registry benchmarks (issue 3), printed side by side in one run:
+//! Registry benchmarks, printed side by side in one run:
 //!
 //! - resolution (open the registry, resolve a name) with catalogs of 10,
 //!   1,000 and 10,000 images, parsing the catalog against looking the name
-//!   up in the catalog index (issue 15), in srun and on a pinned node;
+//!   up in the catalog index, in srun and on a pinned node;
 //! - the `quick` integrity check of a 1 MB and a 5 GB (sparse) SIF;
 //! - sha256 throughput of `integrity::sha256_file` against `sha256sum` on
 //!   the same file.
@@ -15,7 +15,7 @@
 use std::fs;
 use std::hint::black_box;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -38,11 +38,10 @@ fn median<F: FnMut()>(runs: usize, mut f: F) -> Duration {
     times[runs / 2]
 }
 
-fn scratch() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mlc-bench-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+/// The benchmark's own directory (0755, as a registry's), removed on drop.
+fn scratch() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     dir
 }
 
@@ -75,7 +74,8 @@ fn registry_with(dir: &Path, n: usize) -> RegistryConfig {
 }
 
 fn main() {
-    let dir = scratch();
+    let tmp = scratch();
+    let dir = tmp.path().to_path_buf();
 
     println!("== resolution in srun: open registry + resolve one name (bare name, the default)");
     println!("== and on a node given srun's pin: resolve again from its own catalog + confirm");
@@ -173,7 +173,6 @@ fn main() {
         ms(theirs),
         mb / theirs.as_secs_f64()
     );
-    let _ = fs::remove_dir_all(&dir);
 }
 
 fn ms(d: Duration) -> f64 {

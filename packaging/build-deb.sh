@@ -52,7 +52,7 @@ strip --strip-unneeded "$stage/usr/lib/x86_64-linux-gnu/slurm-wlm/spank_ml_conta
 install -D -m 0644 plugstack/ml-container.conf \
     "$stage/usr/share/slurm-ml-container/plugstack/ml-container.conf"
 install -D -m 0644 packaging/debian/ml-container.toml "$stage/etc/slurm/ml-container.toml"
-# Bounded logs (issue 10, L6): metrics log rotation, report expiry.
+# Bounded logs: metrics log rotation, report expiry.
 install -D -m 0644 packaging/debian/logrotate "$stage/etc/logrotate.d/slurm-ml-container"
 install -D -m 0644 packaging/debian/tmpfiles.conf \
     "$stage/usr/lib/tmpfiles.d/slurm-ml-container.conf"

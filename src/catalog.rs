@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer};
 
+use crate::tomlpos;
+
 /// The catalog's path under the registry root.
 pub const CATALOG_PATH: &str = ".registry/catalog.toml";
 /// The registry-wide settings under the registry root (optional).
@@ -120,11 +122,8 @@ impl RegistrySettings {
             message,
         };
         let s: RegistrySettings = toml::from_str(text).map_err(|e| {
-            let line = line_of(text, e.span().map_or(0, |s| s.start));
-            err(
-                line,
-                e.message().split_whitespace().collect::<Vec<_>>().join(" "),
-            )
+            let line = tomlpos::line_of(text, tomlpos::error_offset(&e));
+            err(line, tomlpos::one_line(e.message()))
         })?;
         if s.version != 1 {
             return Err(err(
@@ -353,28 +352,6 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    text.get(..offset.min(text.len()))
-        .map_or(1, |t| t.matches('\n').count() + 1)
-}
-
-/// Byte offsets of line starts, so that finding the line of each of 10,000
-/// entries is a binary search, not a scan from the top each time.
-struct Lines(Vec<usize>);
-
-impl Lines {
-    fn new(text: &str) -> Lines {
-        let starts = std::iter::once(0)
-            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
-            .collect();
-        Lines(starts)
-    }
-
-    fn line(&self, offset: usize) -> usize {
-        self.0.partition_point(|&start| start <= offset).max(1)
-    }
-}
-
 impl Catalog {
     /// Parses catalog text; `path` is only used in messages.
     pub fn parse(path: &Path, text: &str) -> Result<Catalog, CatalogError> {
@@ -385,8 +362,8 @@ impl Catalog {
             message,
         };
         let raw: RawCatalog = toml::from_str(text).map_err(|e| {
-            let offset = e.span().map_or(0, |s| s.start);
-            let line = line_of(text, offset);
+            let offset = tomlpos::error_offset(&e);
+            let line = tomlpos::line_of(text, offset);
             // Name the entry whose table holds the error, when there is one.
             let entry = text
                 .get(..offset.min(text.len()))
@@ -396,15 +373,11 @@ impl Catalog {
             } else {
                 String::new()
             };
-            err(
-                line,
-                entry,
-                e.message().split_whitespace().collect::<Vec<_>>().join(" "),
-            )
+            err(line, entry, tomlpos::one_line(e.message()))
         })?;
         if *raw.version.get_ref() != 1 {
             return Err(err(
-                line_of(text, raw.version.span().start),
+                tomlpos::line_of(text, raw.version.span().start),
                 String::new(),
                 format!(
                     "unsupported catalog version {} (this plugin reads version 1)",
@@ -412,7 +385,7 @@ impl Catalog {
                 ),
             ));
         }
-        let lines = Lines::new(text);
+        let lines = tomlpos::Lines::new(text);
         let mut images = Vec::with_capacity(raw.image.len());
         let mut by_ref: HashMap<String, usize> = HashMap::new();
         let mut default_of: HashMap<String, usize> = HashMap::new();
@@ -735,15 +708,6 @@ default = true
         }
         let e = RegistrySettings::parse(p, "version = 1\n\nverify = 3\n").unwrap_err();
         assert_eq!(e.line, 3);
-    }
-
-    #[test]
-    fn line_index_matches_counting() {
-        let text = "a\nbb\n\nccc\n";
-        let lines = Lines::new(text);
-        for offset in 0..=text.len() {
-            assert_eq!(lines.line(offset), line_of(text, offset), "offset {offset}");
-        }
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The catalog index, `<root>/.registry/catalog.idx` (issue 15): answers
+//! The catalog index, `<root>/.registry/catalog.idx`: answers
 //! "which image does `name:tag`, an alias or a bare `name` mean" in a few
 //! `pread`s instead of parsing the whole catalog (120 ms at 10,000 images).
 //!
@@ -550,18 +550,11 @@ mod tests {
         (c, text)
     }
 
-    struct Dir(PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-
     /// A registry root with the catalog written and indexed as the CLI does.
-    fn root(name: &str, n: usize) -> (Dir, Catalog) {
+    fn root(n: usize) -> (tempfile::TempDir, Catalog) {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("mlc-idx-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         fs::create_dir_all(dir.join(".registry")).unwrap();
         for d in [&dir, &dir.join(".registry")] {
             fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
@@ -575,7 +568,7 @@ mod tests {
         )
         .unwrap();
         write(&dir, &c, &text).unwrap();
-        (Dir(dir), c)
+        (tmp, c)
     }
 
     fn me() -> Vec<u32> {
@@ -610,8 +603,8 @@ mod tests {
     #[test]
     fn answers_what_the_catalog_answers() {
         for n in [0usize, 1, 2, 7, 300] {
-            let (dir, c) = root(&format!("same{n}"), n);
-            let idx = opened(&dir.0).unwrap();
+            let (dir, c) = root(n);
+            let idx = opened(dir.path()).unwrap();
             let mut keys: Vec<(Kind, String)> = Vec::new();
             for im in &c.images {
                 keys.push((Kind::NameTag, im.reference()));
@@ -639,8 +632,8 @@ mod tests {
 
     #[test]
     fn bare_names_mean_the_default_else_the_newest() {
-        let (dir, _) = root("bare", 4);
-        let idx = opened(&dir.0).unwrap();
+        let (dir, _) = root(4);
+        let idx = opened(dir.path()).unwrap();
         let tag = |k| idx.lookup(Kind::Bare, k).unwrap().map(|e| e.tag);
         assert_eq!(tag("nvidia/pytorch").as_deref(), Some("24.01"));
         assert_eq!(tag("img3").as_deref(), Some("2.3"));
@@ -651,29 +644,29 @@ mod tests {
     /// file in its place.
     #[test]
     fn a_changed_catalog_makes_the_index_stale() {
-        let (dir, _) = root("stale", 5);
-        let cat = dir.0.join(catalog::CATALOG_PATH);
+        let (dir, _) = root(5);
+        let cat = dir.path().join(catalog::CATALOG_PATH);
         let text = fs::read_to_string(&cat).unwrap();
         // In place, same length, same second.
         let f = OpenOptions::new().write(true).open(&cat).unwrap();
         f.write_all_at(b"img9", text.find("img1").unwrap() as u64)
             .unwrap();
         drop(f);
-        assert!(matches!(opened(&dir.0), Err(IndexError::Stale)));
-        let (dir, _) = root("stale2", 5);
-        let cat = dir.0.join(catalog::CATALOG_PATH);
+        assert!(matches!(opened(dir.path()), Err(IndexError::Stale)));
+        let (dir, _) = root(5);
+        let cat = dir.path().join(catalog::CATALOG_PATH);
         let text = fs::read_to_string(&cat).unwrap();
         fs::remove_file(&cat).unwrap();
         fs::write(&cat, text).unwrap();
-        assert!(matches!(opened(&dir.0), Err(IndexError::Stale)));
+        assert!(matches!(opened(dir.path()), Err(IndexError::Stale)));
     }
 
     /// Damage anywhere is refused or, where it only moves records, costs a
     /// miss: never another image.
     #[test]
     fn damage_never_misresolves() {
-        let (dir, c) = root("damage", 40);
-        let idx_path = dir.0.join(INDEX_PATH);
+        let (dir, c) = root(40);
+        let idx_path = dir.path().join(INDEX_PATH);
         let good = fs::read(&idx_path).unwrap();
         let keys: Vec<(Kind, String)> = c
             .images
@@ -698,7 +691,7 @@ mod tests {
                 b => b ^ 0x01,
             };
             fs::write(&idx_path, &bad).unwrap();
-            let idx = match opened(&dir.0) {
+            let idx = match opened(dir.path()) {
                 Ok(i) => i,
                 Err(_) => {
                     refused += 1;
@@ -719,51 +712,54 @@ mod tests {
         assert!(refused > 0, "no damage to the header was noticed");
         // Truncated: refused at open.
         secure::replace_file(&idx_path, &good[..good.len() - 10], 0o644, None).unwrap();
-        assert!(matches!(opened(&dir.0), Err(IndexError::Damaged { .. })));
+        assert!(matches!(
+            opened(dir.path()),
+            Err(IndexError::Damaged { .. })
+        ));
         // A record from another catalog's index (same keys, other identity).
         secure::replace_file(&idx_path, &good, 0o644, None).unwrap();
-        assert!(opened(&dir.0).is_ok());
+        assert!(opened(dir.path()).is_ok());
     }
 
     #[test]
     fn the_index_gets_the_catalogs_trust_checks() {
         use std::os::unix::fs::PermissionsExt;
-        let (dir, _) = root("trust", 3);
-        let idx_path = dir.0.join(INDEX_PATH);
+        let (dir, _) = root(3);
+        let idx_path = dir.path().join(INDEX_PATH);
         assert_eq!(
             fs::metadata(&idx_path).unwrap().mode() & 0o777,
             0o644,
             "readable by srun, as the user"
         );
         fs::set_permissions(&idx_path, fs::Permissions::from_mode(0o666)).unwrap();
-        assert!(matches!(opened(&dir.0), Err(IndexError::Untrusted(_))));
+        assert!(matches!(opened(dir.path()), Err(IndexError::Untrusted(_))));
         fs::set_permissions(&idx_path, fs::Permissions::from_mode(0o644)).unwrap();
-        let meta = fs::metadata(dir.0.join(catalog::CATALOG_PATH)).unwrap();
+        let meta = fs::metadata(dir.path().join(catalog::CATALOG_PATH)).unwrap();
         assert!(matches!(
             open(&idx_path, &meta, &[u32::MAX]),
             Err(IndexError::Untrusted(_))
         ));
         fs::remove_file(&idx_path).unwrap();
-        assert!(matches!(opened(&dir.0), Err(IndexError::Missing)));
+        assert!(matches!(opened(dir.path()), Err(IndexError::Missing)));
     }
 
     #[test]
     fn unindexable_paths_leave_no_index() {
-        let (dir, mut c) = root("tab", 2);
+        let (dir, mut c) = root(2);
         c.images[0].path = PathBuf::from("a\tb.sif");
         let text = crate::catalog_write::render(&c);
-        let cat = dir.0.join(catalog::CATALOG_PATH);
+        let cat = dir.path().join(catalog::CATALOG_PATH);
         secure::replace_file(&cat, text.as_bytes(), 0o644, None).unwrap();
-        assert!(write(&dir.0, &c, &text).is_err());
-        assert!(!dir.0.join(INDEX_PATH).exists());
+        assert!(write(dir.path(), &c, &text).is_err());
+        assert!(!dir.path().join(INDEX_PATH).exists());
     }
 
     #[test]
     fn a_catalog_edited_during_the_write_is_not_indexed() {
-        let (dir, c) = root("race", 2);
+        let (dir, c) = root(2);
         // The writer believes it wrote `text`, but the file says otherwise.
         let text = crate::catalog_write::render(&c);
-        assert!(write(&dir.0, &c, &format!("{text}# edited\n")).is_err());
-        assert!(!dir.0.join(INDEX_PATH).exists());
+        assert!(write(dir.path(), &c, &format!("{text}# edited\n")).is_err());
+        assert!(!dir.path().join(INDEX_PATH).exists());
     }
 }

@@ -9,8 +9,8 @@
 //!
 //! The lock file is mode 0600 and must belong to the writer (root), in
 //! `.registry/`, which only root can write: no user can open it, so no user
-//! can hold the lock (issue 10, L4: with the old 0644 file, `flock
-//! catalog.lock sleep 1000` as any user blocked every `ml-container add`).
+//! can hold the lock (with the old 0644 file, `flock catalog.lock sleep
+//! 1000` as any user blocked every `ml-container add`).
 //! An older 0644 file is closed to others on first use. The lock is tried
 //! until a deadline (10 s, `ML_CONTAINER_LOCK_TIMEOUT` seconds), and the
 //! error names the process that holds it (from /proc/locks).
@@ -483,8 +483,8 @@ mod tests {
 
     #[test]
     fn add_remove_commit() {
-        let root = std::env::temp_dir().join(format!("mlc-cw-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&root);
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
         let mut l = lock(&root).unwrap();
         l.add(image("a", "1", true)).unwrap();
         l.add(image("a", "2", true)).unwrap();
@@ -512,7 +512,6 @@ mod tests {
         let l = lock(&root).unwrap();
         assert_eq!(l.catalog.images.len(), 2, "a failed commit changed nothing");
         drop(l);
-        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
@@ -529,8 +528,8 @@ mod tests {
 
     #[test]
     fn a_held_lock_fails_within_the_deadline_naming_the_holder() {
-        let root = std::env::temp_dir().join(format!("mlc-cwlock-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&root);
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
         fs::create_dir_all(root.join(".registry")).unwrap();
         let lock_path = root.join(".registry/catalog.lock");
         // An older install's world-readable lock file.
@@ -569,6 +568,5 @@ mod tests {
         assert_eq!(fs::metadata(&lock_path).unwrap().mode() & 0o777, 0o600);
         // Free again: taken at once.
         lock_within(&root, Duration::from_secs(5)).unwrap();
-        fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -11,8 +11,9 @@
 //! hashing within a chunk. A node hashes a file once: the sum it found is
 //! cached in a root-owned directory under a key of device, inode, size,
 //! mtime and ctime, whether it matched or not, so neither a good nor a
-//! wrong file is hashed again at every step (USERS.md #2: verify once per
-//! node, not per task); a changed or replaced file misses the cache.
+//! wrong file is hashed again at every step (verify once per node, not per
+//! task: docs/DESIGN.md, Decisions); a changed or replaced file misses the
+//! cache.
 #![forbid(unsafe_code)]
 
 use std::fmt;
@@ -27,6 +28,7 @@ use crate::config::VerifyLevel;
 use crate::registry::Pin;
 use crate::secure;
 use crate::sif::{self, SifError};
+use crate::squashfs::{self, SuperblockError};
 
 #[derive(Debug)]
 pub enum IntegrityError {
@@ -34,10 +36,11 @@ pub enum IntegrityError {
         path: PathBuf,
         source: io::Error,
     },
+    /// A plain squashfs image whose superblock is unsound: wrong version,
+    /// or more bytes claimed than the file has.
     Squashfs {
         path: PathBuf,
-        bytes_used: u64,
-        len: u64,
+        source: SuperblockError,
     },
     Size {
         path: PathBuf,
@@ -82,16 +85,15 @@ impl fmt::Display for IntegrityError {
             IntegrityError::Structure { path, source } => {
                 write!(f, "image {} is not a sound SIF file: {source}", shown(path))
             }
-            IntegrityError::Squashfs {
-                path,
-                bytes_used,
-                len,
-            } => write!(
-                f,
-                "squashfs image {} claims {bytes_used} bytes but the file has {len}: truncated; \
-                 re-copy it",
-                shown(path)
-            ),
+            IntegrityError::Squashfs { path, source } => match source {
+                SuperblockError::Size { bytes_used, len } => write!(
+                    f,
+                    "squashfs image {} claims {bytes_used} bytes but the file has {len}: \
+                     truncated; re-copy it",
+                    shown(path)
+                ),
+                other => write!(f, "squashfs image {}: {other}", shown(path)),
+            },
             IntegrityError::NoChecksum { path, image } => write!(
                 f,
                 "verify = \"full\" but the catalog has no sha256 for {image} ({}): add one with \
@@ -174,22 +176,16 @@ pub fn quick_file(
         }
     }
     // A plain squashfs image (Charliecloud's `.sqfs`) rather than a SIF:
-    // its superblock's `bytes_used` (u64 at 40, kernel
-    // fs/squashfs/squashfs_fs.h) must fit the file.
-    let mut sb = [0u8; 96];
+    // its superblock must be version 4 and its `bytes_used` fit the file
+    // (squashfs::check, the same check as a SIF's partition).
+    let mut sb = [0u8; squashfs::SUPERBLOCK_LEN as usize];
     let head = file.read(&mut sb[..4]).map_err(io_err)?;
-    if head == 4 && &sb[..4] == b"hsqs" {
+    if head == 4 && squashfs::has_magic(&sb) {
         file.read_exact(&mut sb[4..]).map_err(io_err)?;
-        let mut used = [0u8; 8];
-        used.copy_from_slice(&sb[40..48]);
-        let used = u64::from_le_bytes(used);
-        if used < 96 || used > meta.len() {
-            return Err(IntegrityError::Squashfs {
-                path: path.to_path_buf(),
-                bytes_used: used,
-                len: meta.len(),
-            });
-        }
+        squashfs::check(&sb, meta.len()).map_err(|source| IntegrityError::Squashfs {
+            path: path.to_path_buf(),
+            source,
+        })?;
         return Ok(());
     }
     sif::inspect(file, meta.len()).map_err(|source| IntegrityError::Structure {
@@ -373,29 +369,26 @@ mod tests {
         assert_eq!(sha256_reader(&big[..]).unwrap().len(), 64);
     }
 
-    /// A file under the temp dir, removed on drop.
-    struct Temp(PathBuf);
+    /// A file of the test's own, removed with its directory on drop.
+    struct Temp {
+        path: PathBuf,
+        _dir: tempfile::TempDir,
+    }
 
     impl Temp {
         fn new(name: &str, bytes: &[u8]) -> Temp {
-            let p =
-                std::env::temp_dir().join(format!("mlc-integrity-{}-{name}", std::process::id()));
-            fs::write(&p, bytes).unwrap();
-            Temp(p)
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(name);
+            fs::write(&path, bytes).unwrap();
+            Temp { path, _dir: dir }
         }
     }
 
-    impl Drop for Temp {
-        fn drop(&mut self) {
-            let _ = fs::remove_file(&self.0);
-        }
-    }
-
-    /// A plain squashfs image's first bytes: magic and `bytes_used`.
+    /// A plain squashfs image of `len` bytes whose superblock says
+    /// `bytes_used`.
     fn sqfs(bytes_used: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
-        v[..4].copy_from_slice(b"hsqs");
-        v[40..48].copy_from_slice(&bytes_used.to_le_bytes());
+        v[..squashfs::SUPERBLOCK_LEN as usize].copy_from_slice(&squashfs::example(bytes_used));
         v
     }
 
@@ -416,9 +409,9 @@ mod tests {
     #[test]
     fn quick_checks_plain_squashfs_and_refuses_others() {
         let good = Temp::new("good.sqfs", &sqfs(4096, 4096));
-        quick(&good.0, Some(4096)).unwrap();
+        quick(&good.path, Some(4096)).unwrap();
         assert!(matches!(
-            quick(&good.0, Some(4097)),
+            quick(&good.path, Some(4097)),
             Err(IntegrityError::Size {
                 expected: 4097,
                 actual: 4096,
@@ -427,19 +420,41 @@ mod tests {
         ));
         let cut = Temp::new("cut.sqfs", &sqfs(8192, 4096));
         assert!(matches!(
-            quick(&cut.0, None),
+            quick(&cut.path, None),
             Err(IntegrityError::Squashfs {
-                bytes_used: 8192,
-                len: 4096,
+                source: SuperblockError::Size {
+                    bytes_used: 8192,
+                    len: 4096,
+                },
                 ..
             })
         ));
+        // Squashfs 3.x: another layout, which no current kernel mounts.
+        let mut v3 = sqfs(4096, 4096);
+        v3[squashfs::MAJOR_AT..squashfs::MAJOR_AT + 2].copy_from_slice(&3u16.to_le_bytes());
+        let old = Temp::new("v3.sqfs", &v3);
+        let e = quick(&old.path, None).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                IntegrityError::Squashfs {
+                    source: SuperblockError::Version { major: 3, minor: 0 },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .ends_with("rebuild it with a current mksquashfs"),
+            "{e}"
+        );
         // Shorter than a superblock, or neither squashfs nor SIF.
         let tiny = Temp::new("tiny.sqfs", b"hsqs");
-        assert!(quick(&tiny.0, None).is_err());
+        assert!(quick(&tiny.path, None).is_err());
         let text = Temp::new("text.sif", &[b'x'; 200]);
         assert!(matches!(
-            quick(&text.0, None),
+            quick(&text.path, None),
             Err(IntegrityError::Structure { .. })
         ));
         assert!(matches!(
@@ -469,7 +484,7 @@ mod tests {
         let sum = sha256_reader(&bytes[..]).unwrap();
         assert!(matches!(
             run(
-                &pin(&f.0, 4096, Some(&sum)),
+                &pin(&f.path, 4096, Some(&sum)),
                 VerifyLevel::Full,
                 None,
                 &never
@@ -479,7 +494,7 @@ mod tests {
         let wrong = "0".repeat(64);
         assert!(matches!(
             run(
-                &pin(&f.0, 4096, Some(&wrong)),
+                &pin(&f.path, 4096, Some(&wrong)),
                 VerifyLevel::Full,
                 None,
                 &never
@@ -487,11 +502,11 @@ mod tests {
             Err(IntegrityError::Checksum { .. })
         ));
         assert!(matches!(
-            run(&pin(&f.0, 4096, None), VerifyLevel::Full, None, &never),
+            run(&pin(&f.path, 4096, None), VerifyLevel::Full, None, &never),
             Err(IntegrityError::NoChecksum { .. })
         ));
         assert_eq!(
-            run(&pin(&f.0, 4096, None), VerifyLevel::Quick, None, &never).unwrap(),
+            run(&pin(&f.path, 4096, None), VerifyLevel::Quick, None, &never).unwrap(),
             Verified::Quick
         );
     }
@@ -522,7 +537,7 @@ mod tests {
         let sum = sha256_reader(&bytes[..]).unwrap();
         assert!(matches!(
             run(
-                &pin(&f.0, 4096, Some(&sum)),
+                &pin(&f.path, 4096, Some(&sum)),
                 VerifyLevel::Full,
                 None,
                 &|| true
@@ -536,8 +551,8 @@ mod tests {
         if !nix::unistd::geteuid().is_root() {
             return; // the cache only trusts root's entries
         }
-        let dir = std::env::temp_dir().join(format!("mlc-hashcache-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let bytes = sqfs(4096, 4096);
         let f = Temp::new("remember.sqfs", &bytes);
         let sum = sha256_reader(&bytes[..]).unwrap();
@@ -549,7 +564,7 @@ mod tests {
         };
         for _ in 0..3 {
             let e = run(
-                &pin(&f.0, 4096, Some(&wrong)),
+                &pin(&f.path, 4096, Some(&wrong)),
                 VerifyLevel::Full,
                 Some(&dir),
                 &counting,
@@ -565,7 +580,7 @@ mod tests {
         // The right sum for the same file comes from the cache too.
         assert_eq!(
             run(
-                &pin(&f.0, 4096, Some(&sum)),
+                &pin(&f.path, 4096, Some(&sum)),
                 VerifyLevel::Full,
                 Some(&dir),
                 &counting
@@ -574,6 +589,5 @@ mod tests {
             Verified::Cached
         );
         assert_eq!(hashed.get(), 2);
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,5 +1,5 @@
 //! Strings from a job on their way into a log, syslog, the metrics log or a
-//! report's free text (issue 10, "Logs"). Everything a job hands the plugin
+//! report's free text. Everything a job hands the plugin
 //! (option values, image names, paths, the environment) is untrusted: a raw
 //! newline in one would forge a line of the slurmd log, a terminal escape
 //! would rewrite an admin's screen, a 100 KB value would bloat every log it

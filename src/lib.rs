@@ -34,3 +34,5 @@ pub mod secure;
 pub mod sif;
 #[allow(unsafe_code)]
 pub mod spank;
+pub mod squashfs;
+pub mod tomlpos;

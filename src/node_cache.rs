@@ -1,4 +1,4 @@
-//! The node-local image cache (issue 15, `registry.node_cache`,
+//! The node-local image cache (`registry.node_cache`,
 //! `registry.node_cache_max`): the first step on a node that needs an image
 //! copies it from the registry to local disk, and the node's steps then run
 //! it from there.
@@ -548,18 +548,13 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    struct Dir(PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn scratch(name: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("mlc-nc-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
-        Dir(d)
+    /// The test's own scratch directory (0755, as a node's would be),
+    /// removed when dropped.
+    fn scratch() -> tempfile::TempDir {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        d
     }
 
     fn image(dir: &Path, name: &str, len: usize, seed: u8) -> (PathBuf, String) {
@@ -584,10 +579,10 @@ mod tests {
         if !running_as_root() {
             return;
         }
-        let d = scratch("once");
-        let (src, sum) = image(&d.0, "a.sif", 3 << 20, 7);
+        let d = scratch();
+        let (src, sum) = image(d.path(), "a.sif", 3 << 20, 7);
         let cache = Cache {
-            dir: d.0.join("cache"),
+            dir: d.path().join("cache"),
             max: 100 << 20,
         };
         let f = File::open(&src).unwrap();
@@ -632,7 +627,7 @@ mod tests {
             Err(CacheError::NoChecksum)
         ));
         // Readable only by some: never copied to a world-readable cache.
-        let (secret, ssum) = image(&d.0, "s.sif", 1 << 20, 11);
+        let (secret, ssum) = image(d.path(), "s.sif", 1 << 20, 11);
         fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
         assert!(matches!(
             cache.provide(
@@ -653,10 +648,10 @@ mod tests {
         if !running_as_root() {
             return;
         }
-        let d = scratch("conc");
-        let (src, sum) = image(&d.0, "a.sif", 8 << 20, 3);
+        let d = scratch();
+        let (src, sum) = image(d.path(), "a.sif", 8 << 20, 3);
         let cache = Arc::new(Cache {
-            dir: d.0.join("cache"),
+            dir: d.path().join("cache"),
             max: 100 << 20,
         });
         let copies = Arc::new(AtomicUsize::new(0));
@@ -688,13 +683,13 @@ mod tests {
         if !running_as_root() {
             return;
         }
-        let d = scratch("evict");
+        let d = scratch();
         let cache = Cache {
-            dir: d.0.join("cache"),
+            dir: d.path().join("cache"),
             max: 5 << 20,
         };
         let imgs: Vec<_> = (0..3)
-            .map(|i| image(&d.0, &format!("{i}.sif"), 2 << 20, i as u8 + 2))
+            .map(|i| image(d.path(), &format!("{i}.sif"), 2 << 20, i as u8 + 2))
             .collect();
         let open = |i: usize| File::open(&imgs[i].0).unwrap();
         let (in_use, _) = cache
@@ -719,7 +714,7 @@ mod tests {
         assert!(total <= cache.max);
         assert!(in_use.path.exists());
         // Both remaining in use: no room for a fourth, nothing removed.
-        let (p3, s3) = image(&d.0, "3.sif", 2 << 20, 9);
+        let (p3, s3) = image(d.path(), "3.sif", 2 << 20, 9);
         let e = cache
             .provide(Some(&s3), 2 << 20, ".sif", &File::open(p3).unwrap(), &never)
             .unwrap_err();
@@ -737,10 +732,10 @@ mod tests {
         if !running_as_root() {
             return;
         }
-        let d = scratch("cancel");
-        let (src, sum) = image(&d.0, "a.sif", 20 << 20, 5);
+        let d = scratch();
+        let (src, sum) = image(d.path(), "a.sif", 20 << 20, 5);
         let cache = Cache {
-            dir: d.0.join("cache"),
+            dir: d.path().join("cache"),
             max: 100 << 20,
         };
         let asked = AtomicUsize::new(0);
@@ -763,9 +758,9 @@ mod tests {
         if !running_as_root() {
             return;
         }
-        let d = scratch("ro");
-        let (src, sum) = image(&d.0, "a.sif", 1 << 20, 5);
-        let dir = d.0.join("cache");
+        let d = scratch();
+        let (src, sum) = image(d.path(), "a.sif", 1 << 20, 5);
+        let dir = d.path().join("cache");
         fs::create_dir_all(&dir).unwrap();
         std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
         let cache = Cache { dir, max: 10 << 20 };
@@ -780,9 +775,9 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, CacheError::Io { .. }), "{e}");
         // A symlink for the cache directory is refused too.
-        let link = d.0.join("link");
-        std::os::unix::fs::symlink(d.0.join("elsewhere"), &link).unwrap();
-        fs::create_dir_all(d.0.join("elsewhere")).unwrap();
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(d.path().join("elsewhere"), &link).unwrap();
+        fs::create_dir_all(d.path().join("elsewhere")).unwrap();
         let cache = Cache {
             dir: link,
             max: 10 << 20,

@@ -1,7 +1,7 @@
-//! Node state for failure reports (seed 002 §5.5): memory, OOM kills,
+//! Node state for failure reports: memory, OOM kills,
 //! listening ports, whether the master answers, and GPUs through
 //! nvidia-smi. Every probe that can block has a timeout: a hung
-//! `nvidia-smi` must never hold a step (issue 6).
+//! `nvidia-smi` must never hold a step.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -199,8 +199,9 @@ pub struct MasterProbe {
     pub port: u16,
     pub reachable: bool,
     pub error: Option<String>,
-    /// When the probe ran (issue 14: only where it can tell something, at
-    /// a node's first failure while other tasks of the step still ran).
+    /// When the probe ran: only where it can tell something, at a node's
+    /// first failure while other tasks of the step still ran
+    /// (docs/DESIGN.md, Decisions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -211,7 +212,8 @@ pub struct MasterProbe {
 /// resolution included) within `timeout`. The caller passes the plugin's
 /// own MASTER_ADDR:MASTER_PORT (computed from Slurm's step facts and the
 /// site config), never a value from the job environment: root connecting
-/// wherever a job says would be a port scan from root (issue 10, L5).
+/// wherever a job says would be a port scan from root (docs/DESIGN.md,
+/// Decisions).
 pub fn probe_master(addr: &str, port: u16, timeout: Duration) -> MasterProbe {
     probe_master_with(addr, port, timeout, |a: String, p: u16| {
         (a.as_str(), p).to_socket_addrs().map(Iterator::collect)
@@ -439,8 +441,8 @@ mod tests {
 
     #[test]
     fn oom_kills_are_summed_over_the_steps_tree() {
-        let root = std::env::temp_dir().join(format!("mlc-cgtree-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&root);
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
         let step = root.join("job_7/step_0");
         for (dir, kills) in [("", 0), ("task_0", 2), ("task_1", 0), ("user/task_2", 1)] {
             let d = step.join(dir);
@@ -472,7 +474,6 @@ mod tests {
         // The step's own file unreadable: unknown, not zero.
         fs::remove_file(step.join("memory.oom_control")).unwrap();
         assert_eq!(cgroup_tree_oom_kills(&cg), None);
-        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
@@ -544,7 +545,8 @@ mod tests {
         run(&["ip", "link", "set", "lo", "up"]);
         // A name server that reads queries and never answers.
         let server = std::net::UdpSocket::bind("127.0.0.1:53").unwrap();
-        let conf = std::env::temp_dir().join(format!("mlc-resolv-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let conf = tmp.path().join("resolv.conf");
         fs::write(
             &conf,
             "nameserver 127.0.0.1\noptions timeout:30 attempts:1\n",
@@ -564,7 +566,6 @@ mod tests {
         let t = Instant::now();
         let p = probe_master(name, 29500, Duration::from_secs(2));
         let took = t.elapsed();
-        let _ = fs::remove_file(&conf);
         assert!(!p.reachable, "{p:?}");
         assert!(
             took < Duration::from_millis(2500),

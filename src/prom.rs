@@ -1,4 +1,4 @@
-//! Prometheus metrics for node_exporter's textfile collector (issue 14):
+//! Prometheus metrics for node_exporter's textfile collector:
 //! with `failure.prometheus_dir` set, each node keeps `ml-container.prom`
 //! there, rewritten when the node's last task of a step has ended.
 //!
@@ -535,8 +535,8 @@ mod tests {
     /// a planted symlink never followed.
     #[test]
     fn record_persists_under_a_lock_and_never_follows_links() {
-        let dir = std::env::temp_dir().join(format!("mlc-prom-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         fs::create_dir_all(&dir).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
         let target = dir.join("target");
@@ -568,6 +568,5 @@ mod tests {
         // A directory others may write to is refused.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
         assert!(record(&dir, &sample("demo", vec!["ok"])).is_err());
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

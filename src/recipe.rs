@@ -1,5 +1,6 @@
 //! Image recipes (`ml-container build`, `ml-container recipes`): Apptainer
-//! definition templates whose variables are seed 000's names.
+//! definition templates with named variables (`container_image_base`,
+//! `pytorch_version`, `mpi_type`, ...).
 //!
 //! A recipe is a `.def` file whose leading comment block declares its
 //! variables with their defaults:

@@ -317,8 +317,8 @@ mod tests {
 
     #[test]
     fn open_regular_refuses_fifos_symlinks_and_directories_without_blocking() {
-        let dir = std::env::temp_dir().join(format!("mlc-secure-open-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         fs::create_dir_all(&dir).unwrap();
         let file = dir.join("file");
         fs::write(&file, "data").unwrap();
@@ -366,13 +366,12 @@ mod tests {
             read_trusted(&file, &[me], 3),
             Ok(ReadText::TooLarge(4))
         ));
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn replace_file_does_not_follow_a_planted_symlink() {
-        let dir = std::env::temp_dir().join(format!("mlc-secure-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         fs::create_dir_all(&dir).unwrap();
         let target = dir.join("target");
         fs::write(&target, "keep").unwrap();
@@ -389,6 +388,5 @@ mod tests {
             2,
             "a temporary file was left"
         );
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -24,6 +24,8 @@
 use std::fmt;
 use std::io::{self, Read, Seek, SeekFrom};
 
+use crate::squashfs::{self, SuperblockError};
+
 /// Size of the global header (sif.go `header`): launch script 32, magic 10,
 /// version 3, arch 3, UUID 16, then eight int64.
 pub const HEADER_LEN: u64 = 128;
@@ -35,8 +37,9 @@ pub const DESCRIPTOR_LEN: u64 = 585;
 /// Apptainer creates 48 descriptors; no tool creates thousands. Capping the
 /// count bounds the work hostile input can ask for.
 pub const MAX_DESCRIPTORS: u64 = 4096;
-/// Size of a squashfs 4.0 superblock (kernel `struct squashfs_super_block`).
-pub const SQUASHFS_SUPERBLOCK_LEN: u64 = 96;
+/// Size of a squashfs 4.0 superblock ([`crate::squashfs`], the home of
+/// the superblock's format facts).
+pub const SQUASHFS_SUPERBLOCK_LEN: u64 = squashfs::SUPERBLOCK_LEN;
 
 // Global header fields (sif.go `header`).
 const MAGIC_AT: usize = 32;
@@ -73,13 +76,6 @@ const FS_SQUASHFS: i32 = 1;
 const FS_ENCRYPTED_SQUASHFS: i32 = 5;
 /// sif.go: `PartPrimSys = 2` (`PartSystem` is 1).
 const PART_PRIMARY_SYSTEM: i32 = 2;
-
-// Squashfs superblock: "hsqs" (0x73717368 little-endian) at 0, u16 s_major at
-// 28, u64 bytes_used at 40 (kernel fs/squashfs/squashfs_fs.h).
-const SQUASHFS_MAGIC: &[u8; 4] = b"hsqs";
-const SQ_MAJOR_AT: usize = 28;
-const SQ_MINOR_AT: usize = 30;
-const SQ_BYTES_USED_AT: usize = 40;
 
 /// Descriptors read per `read_exact` call: a stack buffer of 16 records
 /// (9,360 bytes) keeps the syscalls few and the memory fixed.
@@ -396,12 +392,6 @@ fn le_i64(b: &[u8], at: usize) -> i64 {
     i64::from_le_bytes(a)
 }
 
-fn le_u64(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
-}
-
 fn le_i32(b: &[u8], at: usize) -> i32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[at..at + 4]);
@@ -412,12 +402,6 @@ fn le_u32(b: &[u8], at: usize) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[at..at + 4]);
     u32::from_le_bytes(a)
-}
-
-fn le_u16(b: &[u8], at: usize) -> u16 {
-    let mut a = [0u8; 2];
-    a.copy_from_slice(&b[at..at + 2]);
-    u16::from_le_bytes(a)
 }
 
 fn read_at<R: Read + Seek>(r: &mut R, offset: u64, buf: &mut [u8]) -> Result<(), SifError> {
@@ -566,31 +550,23 @@ pub fn inspect<R: Read + Seek>(r: &mut R, file_len: u64) -> Result<SifSummary, S
     }
     let mut sb = [0u8; SQUASHFS_SUPERBLOCK_LEN as usize];
     read_at(r, p.offset, &mut sb)?;
-    let mut found = [0u8; 4];
-    found.copy_from_slice(&sb[..4]);
-    if &found != SQUASHFS_MAGIC {
-        return Err(SifError::SquashfsMagic {
+    // Magic, version 4 and size: squashfs::check, shared with plain
+    // squashfs images (integrity.rs).
+    let bytes_used = squashfs::check(&sb, p.size).map_err(|e| match e {
+        SuperblockError::Magic { found } => SifError::SquashfsMagic {
             offset: p.offset,
             found,
-        });
-    }
-    // Squashfs 3.x and older have another layout (bytes_used elsewhere) and
-    // no current kernel or squashfuse mounts them.
-    let major = le_u16(&sb, SQ_MAJOR_AT);
-    if major != 4 {
-        return Err(SifError::SquashfsVersion {
+        },
+        SuperblockError::Version { major, minor } => SifError::SquashfsVersion {
             offset: p.offset,
             major,
-            minor: le_u16(&sb, SQ_MINOR_AT),
-        });
-    }
-    let bytes_used = le_u64(&sb, SQ_BYTES_USED_AT);
-    if bytes_used > p.size || bytes_used < SQUASHFS_SUPERBLOCK_LEN {
-        return Err(SifError::SquashfsSize {
+            minor,
+        },
+        SuperblockError::Size { bytes_used, len } => SifError::SquashfsSize {
             bytes_used,
-            partition_size: p.size,
-        });
-    }
+            partition_size: len,
+        },
+    })?;
 
     Ok(SifSummary {
         version: show(&version),
@@ -705,11 +681,7 @@ pub fn example_header(file_len: u64) -> Vec<u8> {
     put(d + P_PARTTYPE, &PART_PRIMARY_SYSTEM.to_le_bytes());
     put(d + P_PARTTYPE + 4, b"02\0");
 
-    let sb = EXAMPLE_PART_AT as usize;
-    put(sb, SQUASHFS_MAGIC);
-    put(sb + 12, &131_072u32.to_le_bytes()); // block size
-    put(sb + SQ_MAJOR_AT, &4u16.to_le_bytes());
-    put(sb + SQ_BYTES_USED_AT, &part_len.to_le_bytes());
+    put(EXAMPLE_PART_AT as usize, &squashfs::example(part_len));
     v
 }
 
@@ -1156,7 +1128,8 @@ mod tests {
     fn squashfs_version_not_4() {
         let mut img = valid();
         let at = part_offset(&img);
-        img[at + 28..at + 30].copy_from_slice(&3u16.to_le_bytes());
+        img[at + squashfs::MAJOR_AT..at + squashfs::MAJOR_AT + 2]
+            .copy_from_slice(&3u16.to_le_bytes());
         img[at + 30..at + 32].copy_from_slice(&1u16.to_le_bytes());
         assert!(matches!(
             err(&img),
@@ -1173,7 +1146,8 @@ mod tests {
         for bytes_used in [8193, u64::MAX, 95, 0] {
             let mut img = valid();
             let at = part_offset(&img);
-            img[at + 40..at + 48].copy_from_slice(&bytes_used.to_le_bytes());
+            img[at + squashfs::BYTES_USED_AT..at + squashfs::BYTES_USED_AT + 8]
+                .copy_from_slice(&bytes_used.to_le_bytes());
             assert!(matches!(
                 err(&img),
                 SifError::SquashfsSize { bytes_used: b, partition_size: 8192 } if b == bytes_used

@@ -1,4 +1,4 @@
-//! The admin CLI on a real registry in a temporary directory (issue 7):
+//! The admin CLI on a real registry in a temporary directory:
 //! concurrent writers and readers, verify, doctor, exit codes. Runs as root
 //! (the CLI chowns the registry to root, as `init` does on a cluster).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -14,32 +14,34 @@ use slurm_ml_container::config::{PlugstackArgs, SiteConfig};
 use slurm_ml_container::registry::Registry;
 use slurm_ml_container::{integrity, sif};
 
+/// A registry and its config under a directory of the test's own,
+/// removed on drop.
 struct Env {
     dir: PathBuf,
     config: PathBuf,
+    _tmp: tempfile::TempDir,
 }
 
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn env(name: &str, extra_config: &str) -> Env {
-    let dir = std::env::temp_dir().join(format!("mlc-cli-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
+/// `{dir}` in `extra_config` stands for the test's directory.
+fn env(extra_config: &str) -> Env {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
     let config = dir.join("ml-container.toml");
     fs::write(
         &config,
         format!(
-            "[registry]\nroot = \"{}/containers\"\n{extra_config}",
-            dir.display()
+            "[registry]\nroot = \"{}/containers\"\n{}",
+            dir.display(),
+            extra_config.replace("{dir}", &dir.display().to_string())
         ),
     )
     .unwrap();
-    Env { dir, config }
+    Env {
+        dir,
+        config,
+        _tmp: tmp,
+    }
 }
 
 fn cli(e: &Env, args: &[&str]) -> Output {
@@ -73,7 +75,7 @@ fn root(e: &Env) -> PathBuf {
 
 #[test]
 fn init_add_list_show_remove() {
-    let e = env("basic", "");
+    let e = env("");
     let o = cli(&e, &["init"]);
     assert!(o.status.success(), "{}", text(&o));
     for d in ["ml-frameworks", "custom-images", "base-images", ".registry"] {
@@ -188,9 +190,67 @@ fn init_add_list_show_remove() {
     assert_eq!(cli(&e, &["frobnicate"]).status.code(), Some(2));
 }
 
+/// The commands `ml-container --help` lists: the first word of each line
+/// of its "commands:" block that starts at the block's indentation.
+fn listed_commands() -> Vec<String> {
+    let o = Command::new(env!("CARGO_BIN_EXE_ml-container"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let block = out.split_once("commands:\n").unwrap().1;
+    let mut names: Vec<String> = block
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    names.dedup();
+    names
+}
+
+/// The CLI's usage lives in one table (main.rs); the man page and the
+/// README must name every command in it, so the three cannot drift.
+#[test]
+fn every_command_is_in_the_man_page_and_the_readme() {
+    let commands = listed_commands();
+    assert!(commands.len() >= 17, "{commands:?}");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let man = fs::read_to_string(root.join("packaging/man/ml-container.8")).unwrap();
+    let readme = fs::read_to_string(root.join("README.md")).unwrap();
+    // Man page: a .TP entry whose tag starts with the command.
+    let man_tags: Vec<String> = man
+        .split(".TP\n")
+        .skip(1)
+        .filter_map(|entry| entry.lines().next())
+        .filter_map(|tag| {
+            let tag = tag.split_once(' ')?.1.trim_start_matches('"');
+            tag.split([' ', '"']).next().map(str::to_string)
+        })
+        .collect();
+    for c in &commands {
+        assert!(
+            man_tags.contains(c),
+            "'{c}' is in ml-container --help but not in packaging/man/ml-container.8 \
+             (its tags: {man_tags:?}): add a .TP entry"
+        );
+        assert!(
+            readme.contains(&format!("| `ml-container {c}")),
+            "'{c}' is in ml-container --help but not in README.md's \"Admin CLI\" table: \
+             add a row"
+        );
+        let help = Command::new(env!("CARGO_BIN_EXE_ml-container"))
+            .args([c.as_str(), "--help"])
+            .output()
+            .unwrap();
+        assert!(help.status.success(), "{c} --help: {}", text(&help));
+    }
+}
+
 #[test]
 fn fifty_concurrent_adds_and_a_thousand_resolutions() {
-    let e = env("concurrent", "");
+    let e = env("");
     assert!(cli(&e, &["init"]).status.success());
     let frameworks = root(&e).join("ml-frameworks");
     for i in 0..50 {
@@ -295,7 +355,7 @@ fn fifty_concurrent_adds_and_a_thousand_resolutions() {
 
 #[test]
 fn verify_names_the_corrupted_image_and_doctor_flags_problems() {
-    let e = env("verify", "[runtime]\npath = \"/nonexistent/apptainer\"\n");
+    let e = env("[runtime]\npath = \"/nonexistent/apptainer\"\n");
     assert!(cli(&e, &["init"]).status.success());
     for name in ["good", "bad"] {
         let f = root(&e).join(format!("ml-frameworks/{name}.sif"));
@@ -343,7 +403,7 @@ fn verify_names_the_corrupted_image_and_doctor_flags_problems() {
 /// what to pass instead.
 #[test]
 fn plus_in_tags_and_one_line_per_copied_image() {
-    let e = env("plus", "");
+    let e = env("");
     assert!(cli(&e, &["init"]).status.success());
     let src = e.dir.join("torch.sif");
     sif_file(&src);
@@ -401,12 +461,12 @@ fn plus_in_tags_and_one_line_per_copied_image() {
     }
 }
 
-/// Issue 10, L4: a user holding the catalog lock (an older install's 0644
+/// A user holding the catalog lock (an older install's 0644
 /// lock file, opened before the CLI closed it) makes `add` fail within its
 /// deadline, naming the holder; afterwards no user can open the lock at all.
 #[test]
 fn a_users_flock_on_the_catalog_lock_fails_add_within_the_deadline_naming_them() {
-    let e = env("lock", "");
+    let e = env("");
     assert!(cli(&e, &["init"]).status.success());
     let f = root(&e).join("ml-frameworks/a.sif");
     sif_file(&f);
@@ -473,18 +533,13 @@ fn a_users_flock_on_the_catalog_lock_fails_add_within_the_deadline_naming_them()
     assert!(o.status.success(), "{}", text(&o));
 }
 
-/// Issue 10, L6: `prune` expires job directories (and those moved aside for
+/// Bounded logs: `prune` expires job directories (and those moved aside for
 /// a reused job id) and leaves everything else, and symlinks' targets, alone.
 #[test]
 fn prune_removes_old_job_directories_only() {
-    // Inside the test's own directory (env() makes it anew).
-    let reports = std::env::temp_dir()
-        .join(format!("mlc-cli-prune-{}", std::process::id()))
-        .join("reports");
-    let e = env(
-        "prune",
-        &format!("[failure]\nreport_dir = \"{}\"\n", reports.display()),
-    );
+    // Inside the test's own directory.
+    let e = env("[failure]\nreport_dir = \"{dir}/reports\"\n");
+    let reports = e.dir.join("reports");
     fs::create_dir_all(reports.join("17")).unwrap();
     fs::write(reports.join("17/0.n1.json"), "{}").unwrap();
     fs::create_dir_all(reports.join(".stale-17-1-2")).unwrap();
@@ -523,12 +578,12 @@ fn prune_removes_old_job_directories_only() {
     );
 }
 
-/// Issue 15: the index add/remove keep beside the catalog; a hand edit
+/// The index add/remove keep beside the catalog; a hand edit
 /// makes it stale (resolution then parses the catalog, and says what the
 /// edit says), `doctor` notes it and `reindex` rewrites it.
 #[test]
 fn a_hand_edited_catalog_is_read_not_its_stale_index() {
-    let e = env("reindex", "");
+    let e = env("");
     assert!(cli(&e, &["init"]).status.success());
     let frameworks = root(&e).join("ml-frameworks");
     for i in 0..3 {
@@ -594,12 +649,12 @@ fn a_hand_edited_catalog_is_read_not_its_stale_index() {
     assert!(text(&o).contains("catalog.toml:"), "{}", text(&o));
 }
 
-/// Issue 15: this node's cache through the CLI: fill copies once (then
+/// This node's cache through the CLI: fill copies once (then
 /// says it is there), list and check show it, a changed copy is flagged
 /// and pruned, an image without sha256 is never cached.
 #[test]
 fn cache_fill_list_check_prune_on_a_node() {
-    let e = env("cache", "");
+    let e = env("");
     let cache_dir = e.dir.join("node-cache/%n");
     fs::write(
         &e.config,
@@ -687,7 +742,7 @@ fn cache_fill_list_check_prune_on_a_node() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("no sha256"), "{}", text(&o));
     // Off: a clear error naming the key.
-    let e2 = env("cache-off", "");
+    let e2 = env("");
     let o = cli(&e2, &["cache", "list"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(

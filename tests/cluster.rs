@@ -1,4 +1,4 @@
-//! The real-cluster tests: the acceptance lists of the issues, run on real
+//! The real-cluster tests: the behaviour of every part, run on real
 //! Slurm daemons (24.11 in the cached trixie root, 22.05 on the host) and
 //! real Apptainer, as an unprivileged user. See tests/harness/mod.rs.
 

@@ -175,8 +175,11 @@ fn run_as(user: &str, prefix: &[String], env: &HashMap<String, String>) -> Strin
 #[test]
 #[ignore = "needs an NVIDIA GPU, nvcc and Apptainer: tests/gpu/run.sh on a GPU machine"]
 fn nv_follows_the_policy_and_the_container_uses_the_gpu() {
-    let dir = std::env::temp_dir().join(format!("mlc-gpu-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
+    // The test's own directory, readable by the unprivileged user the
+    // tasks run as.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
     let cfg = site(&dir, Path::new(&var("MLC_GPU_IMAGE")));
     let bin = var("MLC_GPU_BIN");
     let user = var("MLC_GPU_USER");
@@ -210,5 +213,4 @@ fn nv_follows_the_policy_and_the_container_uses_the_gpu() {
         }
         other => panic!("the GPU probe gave {other:?}"),
     }
-    let _ = fs::remove_dir_all(&dir);
 }

@@ -89,7 +89,8 @@ enum Slurm {
 }
 
 struct Scontrol {
-    dir: PathBuf,
+    /// The test's own config directory, removed on drop.
+    dir: tempfile::TempDir,
     /// The Debian root holding this release's Slurm; `None`: the host's.
     root: Option<PathBuf>,
 }
@@ -127,13 +128,9 @@ impl Scontrol {
     /// Writes a minimal slurm.conf (scontrol wants a config source even for
     /// `show hostnames`) and checks that `rules`' release's scontrol runs.
     fn new(rules: Rules) -> Scontrol {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let dir =
-            std::env::temp_dir().join(format!("hostlist-scontrol-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = tempfile::tempdir().unwrap();
         std::fs::write(
-            dir.join("slurm.conf"),
+            dir.path().join("slurm.conf"),
             "ClusterName=hostlisttest\nSlurmctldHost=localhost\nNodeName=n1\nPartitionName=p Nodes=n1\n",
         )
         .unwrap();
@@ -174,7 +171,7 @@ impl Scontrol {
         let mut command = match &self.root {
             None => {
                 let mut c = Command::new("scontrol");
-                c.env("SLURM_CONF", self.dir.join("slurm.conf"));
+                c.env("SLURM_CONF", self.dir.path().join("slurm.conf"));
                 c
             }
             Some(root) => {
@@ -187,7 +184,7 @@ impl Scontrol {
                     r#"d=$1 r=$2; shift 2; mount --bind "$d" "$r/mnt"; exec chroot "$r" scontrol "$@""#,
                     "sh",
                 ])
-                .arg(&self.dir)
+                .arg(self.dir.path())
                 .arg(root)
                 .env("SLURM_CONF", "/mnt/slurm.conf");
                 c
@@ -286,12 +283,6 @@ impl Scontrol {
             stderr.chars().take(2000).collect::<String>()
         );
         results
-    }
-}
-
-impl Drop for Scontrol {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -761,7 +752,8 @@ fn whitespace_separators_match_scontrol(rules: Rules) {
     }
 }
 
-/// The naming schemes of issue 11, one `scontrol` call each: identical
+/// Site naming schemes (`gpu[01-02]-ib`, rack and node groups, padded
+/// ranges), one `scontrol` call each: identical
 /// hosts, or (22.05, text after brackets) invalid on both sides.
 fn site_naming_schemes_match_scontrol(rules: Rules) {
     let scontrol = Scontrol::new(rules);

@@ -1,5 +1,5 @@
 //! `ml-container recipes` and `ml-container build` on a temporary registry
-//! (issue 13): rendering, unknown variables, the build timeout, and that a
+//! rendering, unknown variables, the build timeout, and that a
 //! failed build leaves the catalog and the registry as they were. The
 //! runtime here is a stand-in script (`runtime.path`): Apptainer runs only
 //! in the trixie root, where the cluster tests build the real pytorch-debian
@@ -14,22 +14,18 @@ use std::time::{Duration, Instant};
 
 use slurm_ml_container::{integrity, sif};
 
+/// A registry and its config under a directory of the test's own,
+/// removed on drop.
 struct Env {
     dir: PathBuf,
     config: PathBuf,
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
+    _tmp: tempfile::TempDir,
 }
 
 /// A registry, and a stand-in runtime whose body is `runtime` (sh).
-fn env(name: &str, runtime: &str) -> Env {
-    let dir = std::env::temp_dir().join(format!("mlc-build-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
+fn env(runtime: &str) -> Env {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
     let rt = dir.join("fake-apptainer");
     fs::write(&rt, format!("#!/bin/sh\n{runtime}\n")).unwrap();
@@ -44,7 +40,11 @@ fn env(name: &str, runtime: &str) -> Env {
         ),
     )
     .unwrap();
-    let e = Env { dir, config };
+    let e = Env {
+        dir,
+        config,
+        _tmp: tmp,
+    };
     let o = cli(&e, &["init"]);
     assert!(o.status.success(), "{}", text(&o));
     e
@@ -114,7 +114,7 @@ fn tiny_recipe(e: &Env) -> String {
 
 #[test]
 fn recipes_lists_the_shipped_recipes_with_their_variables() {
-    let e = env("list", "exit 1");
+    let e = env("exit 1");
     let o = cli(&e, &["recipes", "--recipes", &shipped()]);
     assert!(o.status.success(), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
@@ -136,11 +136,12 @@ fn recipes_lists_the_shipped_recipes_with_their_variables() {
 }
 
 /// CI's check of pytorch-cuda (building it needs the NVIDIA base image):
-/// seed 000's custom configuration renders into a definition with every
+/// a site's custom configuration (PyTorch 2.1 for CUDA 12.1, Open MPI,
+/// parallel build, its own wheel mirror) renders into a definition with every
 /// value in place and nothing left of the template.
 #[test]
 fn pytorch_cuda_renders_for_the_custom_configuration() {
-    let e = env("cuda", "exit 1");
+    let e = env("exit 1");
     let o = cli(
         &e,
         &[
@@ -180,7 +181,7 @@ fn pytorch_cuda_renders_for_the_custom_configuration() {
 
 #[test]
 fn unknown_variable_fails_and_changes_nothing() {
-    let e = env("unknown", "echo ran >> \"$(dirname \"$0\")/ran\"; exit 0");
+    let e = env("echo ran >> \"$(dirname \"$0\")/ran\"; exit 0");
     let before = registry_state(&e);
     let o = cli(
         &e,
@@ -246,7 +247,6 @@ fn unknown_variable_fails_and_changes_nothing() {
 #[test]
 fn timeout_kills_the_build_group_and_changes_nothing() {
     let e = env(
-        "timeout",
         "d=$(dirname \"$0\"); sleep 300 & echo $! > \"$d/child.pid\"; \
          for a; do out=$prev; prev=$a; done; echo partial > \"$out\"; wait",
     );
@@ -293,11 +293,8 @@ fn timeout_kills_the_build_group_and_changes_nothing() {
 /// labels, which `show` prints; the rendered definition reached the runtime.
 #[test]
 fn build_adds_the_image_with_size_sha256_and_labels() {
-    let e = env(
-        "ok",
-        "d=$(dirname \"$0\"); for a; do out=$prev; prev=$a; done; \
-         cp \"$prev\" \"$d/seen.def\"; cp \"$d/prebuilt.sif\" \"$out\"",
-    );
+    let e = env("d=$(dirname \"$0\"); for a; do out=$prev; prev=$a; done; \
+         cp \"$prev\" \"$d/seen.def\"; cp \"$d/prebuilt.sif\" \"$out\"");
     let prebuilt = e.dir.join("prebuilt.sif");
     let f = fs::File::create(&prebuilt).unwrap();
     f.write_all_at(&sif::example_header(1 << 20), 0).unwrap();

@@ -1,6 +1,6 @@
 //! Option values as a node receives them: Slurm hands slurmstepd whatever
 //! the job environment's `_SLURM_SPANK_OPTION_*` variables hold, unchecked
-//! by srun (issue 10, I3). Validation must never panic, whatever is
+//! by srun (the job environment is the user's). Validation must never panic, whatever is
 //! accepted must be what srun would accept (no white space or control
 //! characters, bounded, mounts absolute and without `..`), and the error
 //! message, which reaches the user's terminal and the slurmd log, must be

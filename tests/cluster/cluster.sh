@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A throwaway multi-node Slurm cluster on one machine (shared/PLATFORM.md).
+# A throwaway multi-node Slurm cluster on one machine (docs/DESIGN.md,
+# Slurm facts per release: several slurmd on one machine).
 #
 #   unshare --mount --pid --fork --kill-child -- cluster.sh LOWER NODES PLUGIN_SO STAGE [CMD...]
 #
@@ -28,7 +29,11 @@ PLUGIN=$3
 STAGE=$4
 shift 4
 CMD=("$@")
-SCRATCH=$(mktemp -d /tmp/mlc-cluster.XXXXXX)
+# The mount point of the cluster's tmpfs. It stays behind on the host as an
+# empty directory (the tmpfs lives only in this mount namespace), so the
+# test harness puts it in its own temporary directory (MLC_SCRATCH_PARENT),
+# which it removes; the demo leaves it in /tmp.
+SCRATCH=$(mktemp -d "${MLC_SCRATCH_PARENT:-/tmp}/mlc-cluster.XXXXXX")
 
 log() { echo "cluster: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -70,7 +75,8 @@ for e in /dev/* /dev/.[!.]*; do
 done
 mount -t tmpfs -o mode=1777 tmpfs "$R/tmp"
 mount -t tmpfs -o mode=0755 tmpfs "$R/run"
-# Unprivileged Apptainer mounts SIF images with squashfuse (PLATFORM.md).
+# Unprivileged Apptainer mounts SIF images with squashfuse, and /dev/fuse
+# is 0600 on these machines (docs/DESIGN.md, Apptainer facts).
 [[ -e /dev/fuse ]] && chmod 0666 /dev/fuse
 
 plugin_dir=/usr/lib/x86_64-linux-gnu/slurm-wlm
@@ -85,8 +91,8 @@ echo 'include /etc/slurm/plugstack.conf.d/*.conf' >"$R/etc/slurm/plugstack.conf"
     for i in $(seq 1 "$NODES"); do echo "10.77.0.$i $(name "$i")"; done
 } >"$R/etc/hosts"
 
-# slurm.conf: the settings PLATFORM.md verified for several slurmd on one
-# machine. config_overrides lets nodes claim 4 CPUs on a 2-core machine.
+# slurm.conf: the settings verified for several slurmd on one machine
+# (docs/DESIGN.md, Slurm facts per release). config_overrides lets nodes claim 4 CPUs on a 2-core machine.
 cat >"$R/etc/slurm/slurm.conf" <<CONF
 ClusterName=mlc
 SlurmctldHost=$(name 1)(10.77.0.1)

@@ -3,9 +3,10 @@
 #
 #   rootfs.sh [trixie|sid]
 #
-# trixie (the default): Slurm 24.11; sid: Slurm 26.05 (shared/PLATFORM.md).
+# trixie (the default): Slurm 24.11; sid: Slurm 26.05.
 # Why a root and not the host: Apptainer 1.4.5 exists only in Debian sid and
-# needs glibc >= 2.38, the host (bookworm) has 2.36 (see shared/PLATFORM.md).
+# needs glibc >= 2.38, the host (bookworm) has 2.36 (docs/DESIGN.md,
+# Apptainer facts).
 #
 # The result is cached under $MLC_CACHE (default /var/cache/slurm-ml-container)
 # in a directory named after the suite's stamp; bump a stamp when its package
@@ -54,7 +55,7 @@ debootstrap --variant=minbase --include=ca-certificates "$SUITE" "$build" "$mirr
 
 if [[ $SUITE == sid ]]; then
     # The mirror serves a snapshot whose sid Release file has passed its
-    # validity date (PLATFORM.md): apt inside the root must not refuse it.
+    # validity date: apt inside the root must not refuse it.
     echo 'Acquire::Check-Valid-Until "false";' >"$build/etc/apt/apt.conf.d/99mlc-snapshot"
     PACKAGES+=(apptainer)
 else

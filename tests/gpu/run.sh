@@ -5,7 +5,7 @@
 #   tests/gpu/run.sh DEBDIR GPU_TEST_BINARY IMAGE.sif
 #
 # DEBDIR holds the Apptainer 1.4.5 .deb and its FUSE/squashfuse .debs
-# (unpacked into /: shared/PLATFORM.md "GPUs"); GPU_TEST_BINARY is
+# (unpacked into /: docs/DESIGN.md, Apptainer facts); GPU_TEST_BINARY is
 # `cargo test --test gpu --no-run`'s executable, built on any x86-64
 # Debian 12; IMAGE is any small SIF (the test clusters' busybox image).
 set -euo pipefail

@@ -1,11 +1,11 @@
-//! The `pytorch` test image (issue 13): Debian's PyTorch built by
+//! The `pytorch` test image: Debian's PyTorch built by
 //! `ml-container build pytorch-debian`, as a site would, once per recipe.
 //!
 //! The Debian root tree comes from tests/cluster/pytorch-base.sh
 //! (debootstrap on the host, root, ~3 min, cached). The build itself runs in
 //! a 1-node trixie cluster (Apptainer lives only there) as the unprivileged
 //! `mluser`, who owns the registry there (`registry.owner`): Apptainer run
-//! as root fails in this sandbox (shared/PLATFORM.md), unprivileged Apptainer
+//! as root fails in this sandbox (docs/DESIGN.md, Apptainer facts), unprivileged Apptainer
 //! runs the recipe's %post in a root-mapped user namespace. The SIF is
 //! cached under /var/cache/slurm-ml-container/pytorch-sif-<stamp>/, the stamp
 //! a hash of the recipe and the base tree's name, so a changed recipe
@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use super::{manifest_dir, Cluster, Options, Slurm, REGISTRY};
+use super::slurm::manifest_dir;
+use super::{Cluster, Options, Slurm, REGISTRY};
 
 /// Where scenarios find the image: the cache directory is bound read-only
 /// here, inside the registry root (the default allowed directory).

@@ -1,4 +1,4 @@
-//! Issue 4 (distributed environment) acceptance: Slurm 24.11 with
+//! The distributed environment: Slurm 24.11 with
 //! Apptainer, clusters of 2 and 3 nodes, jobs as `mluser`. Every check reads
 //! the variables from inside the container.
 

@@ -1,4 +1,4 @@
-//! Issue 5 (run every task inside the container) acceptance: Slurm 24.11
+//! Every task runs inside the container: Slurm 24.11
 //! with Apptainer 1.4.5 (2 nodes), and Slurm 22.05 with Charliecloud, jobs
 //! as `mluser`.
 

@@ -1,4 +1,4 @@
-//! Issue 6 (failure capture) acceptance: Slurm 24.11 with Apptainer, 2
+//! Failure capture: Slurm 24.11 with Apptainer, 2
 //! nodes, jobs as `mluser`; reports under the default
 //! /var/log/slurm/debug/<job>/<step>.<node>.json.
 
@@ -115,7 +115,7 @@ fn a_failed_task_leaves_a_report_on_its_node_and_metrics_lines(slurm: Slurm) {
     assert_eq!(syslog.matches("ml-container:").count(), 1, "{syslog}");
 
     // Readable by the job's user (its owner, 0400) and root, not by the
-    // job's group (issue 10); nobody but root adds to the directory.
+    // job's group; nobody but root adds to the directory.
     let ls = c.run_root(
         1,
         &[
@@ -175,7 +175,7 @@ fn signals_and_scancel_are_recorded(slurm: Slurm) {
     assert!(rep["issues_found"].to_string().contains("scancel"), "{rep}");
 }
 
-/// Issue 14: the master probe runs at a node's first failure while other
+/// The master probe runs at a node's first failure while other
 /// tasks of the step still run there, never once every local rank has
 /// exited (it could only say "did not answer" about a step that is over).
 fn the_master_probe_runs_only_while_ranks_still_run() {
@@ -597,7 +597,7 @@ fn mpi_cluster(config: &str) -> Cluster {
     )
 }
 
-/// Issue 14 acceptance: one rank raises after the others started waiting
+/// One rank raises after the others started waiting
 /// on it; `diagnose` names it first, with its exception line, and the
 /// others as stopped after it; no "did not answer" advice.
 fn diagnose_names_the_rank_that_raised_first() {
@@ -675,7 +675,7 @@ fn diagnose_names_the_rank_that_raised_first() {
     assert_eq!(left.stdout.trim(), "0", "{left}");
 }
 
-/// Issue 14 acceptance: with the stderr tail kept (the default), a step's
+/// With the stderr tail kept (the default), a step's
 /// output is byte for byte, and its exit code or signal the same as the
 /// same step run with a hand-written `apptainer exec`.
 fn the_stderr_passthrough_is_byte_for_byte_and_code_for_code() {
@@ -773,7 +773,7 @@ fn the_stderr_passthrough_is_byte_for_byte_and_code_for_code() {
     assert!(tail.len() <= 50, "{}", tail.len());
 }
 
-/// Issue 14 acceptance: a worker that records its exception as torch's
+/// A worker that records its exception as torch's
 /// `@record` does (TorchElastic's error file, the format of
 /// torch/distributed/elastic/multiprocessing/errors/error_handler.py):
 /// the report carries the structured error. The plugin set the file's
@@ -843,7 +843,7 @@ except ValueError as e:
     assert!(rep["tasks"][0]["torch_error"].is_null(), "{rep}");
 }
 
-/// Issue 14: a step that Slurm stops (scancel, time limit) while ranks
+/// A step that Slurm stops (scancel, time limit) while ranks
 /// still run long after another ended: the report names the ranks still
 /// alive and how long after the last exit they were stopped.
 fn a_hang_names_the_ranks_still_alive() {
@@ -891,7 +891,7 @@ fn a_hang_names_the_ranks_still_alive() {
     assert!((2.0..30.0).contains(&secs), "{hang}");
 }
 
-/// Issue 14 with real torch: `torchrun` (the step's one task) runs two
+/// With real torch: `torchrun` (the step's one task) runs two
 /// workers; worker 1 raises inside `@record`; torchrun's own `@record`
 /// copies the worker's error file to the TORCHELASTIC_ERROR_FILE the
 /// plugin gave the task, and the report carries it. The PyTorch image is

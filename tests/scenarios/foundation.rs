@@ -1,4 +1,5 @@
-//! Issue 2 (foundation) acceptance on real clusters: Slurm 24.11 (trixie
+//! The foundation on real clusters (the plugin loads, options, validation
+//! in srun, site config): Slurm 24.11 (trixie
 //! root) and the host's Slurm 22.05, two nodes each, jobs as `mluser`.
 
 use crate::harness::{self, Cluster, Options, Slurm};

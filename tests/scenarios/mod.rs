@@ -1,4 +1,6 @@
-//! The acceptance scenarios, one module per issue.
+//! The real-cluster scenarios, one module per part of the product
+//! (foundation, registry, distributed environment, execution, failure
+//! capture, security, releases, PyTorch, scale, ...).
 
 pub mod distributed;
 pub mod execution;

@@ -1,7 +1,7 @@
-//! Issue 7 (Debian package) acceptance: in a clean trixie root (Slurm 24.11,
+//! The Debian package: in a clean trixie root (Slurm 24.11,
 //! Apptainer), the package alone makes `srun --ml-container=NAME` work; an
-//! upgrade keeps an edited config; removing it leaves srun working. Issue
-//! 11: the same for the 26.05 package in a clean sid root.
+//! upgrade keeps an edited config; removing it leaves srun working. The
+//! same for the 26.05 package in a clean sid root.
 
 use crate::harness::{build_deb, images, Cluster, Options, Slurm};
 

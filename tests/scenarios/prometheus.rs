@@ -1,4 +1,4 @@
-//! Issue 14, Prometheus: with `failure.prometheus_dir` set, each node keeps
+//! Prometheus: with `failure.prometheus_dir` set, each node keeps
 //! `ml-container.prom` for node_exporter's textfile collector. The real
 //! `prometheus-node-exporter` (Debian's) serves it over HTTP on a loopback
 //! port of the host; `promtool check metrics` (Debian's `prometheus`)
@@ -271,14 +271,17 @@ fn the_grafana_dashboard_queries_parse_and_use_our_metrics() {
             ));
         }
     }
-    let file = std::env::temp_dir().join(format!("mlc-dashboard-{}.yml", std::process::id()));
-    std::fs::write(&file, rules).expect("write rules");
+    let file = tempfile::Builder::new()
+        .suffix(".yml")
+        .tempfile()
+        .expect("a temp file for the rules");
+    std::fs::write(file.path(), rules).expect("write rules");
     let out = Command::new("promtool")
         .args(["check", "rules"])
-        .arg(&file)
+        .arg(file.path())
         .output()
         .expect("promtool (Debian package prometheus)");
-    let _ = std::fs::remove_file(&file);
+    drop(file);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && text.contains(&format!("SUCCESS: {n} rules found")),

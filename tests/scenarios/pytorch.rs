@@ -1,4 +1,4 @@
-//! Issue 13: real PyTorch, end to end. The `pytorch` image is Debian's torch
+//! Real PyTorch, end to end. The `pytorch` image is Debian's torch
 //! 2.6 (CPU) built by `ml-container build pytorch-debian` (harness
 //! `pytorch_image`, cached per recipe); 2 nodes x 2 tasks, Slurm 24.11.
 //!

@@ -1,4 +1,4 @@
-//! Issue 3 (registry, catalog, resolution) acceptance: Slurm 24.11 with
+//! Registry, catalog and resolution: Slurm 24.11 with
 //! Apptainer, 2 nodes, jobs as `mluser`. Each test image carries /MARKER
 //! with its own name, so the output says which image really ran.
 
@@ -156,7 +156,7 @@ fn escapes_are_refused_in_srun_before_any_node_runs(slurm: Slurm) {
     assert_eq!(r.assert_ok().stdout.trim(), "1", "{r}");
 }
 
-/// Issue 10 (M1) changed this: a node resolves the image again from its
+/// The node never believes srun (docs/DESIGN.md, Decisions): a node resolves the image again from its
 /// own catalog and srun's pin may only confirm it, so a catalog rewritten
 /// while srun waits fails the step with a clear message (it used to run
 /// the pinned image, which meant believing a value the user can set).
@@ -227,18 +227,19 @@ fn catalog_rewritten_mid_launch_fails_the_step_clearly(slurm: Slurm) {
     assert!(!r.stdout.contains("a2"), "a node ran another image: {r}");
 }
 
-/// `src` cut to `len` bytes, in a temp file.
-fn truncated(src: &Path, len: u64, name: &str) -> std::path::PathBuf {
-    let out = std::env::temp_dir().join(format!("mlc-{name}-{}.sif", std::process::id()));
+/// `src` cut to `len` bytes, in a temp file of the test's own (removed on
+/// drop).
+fn truncated(src: &Path, len: u64) -> tempfile::NamedTempFile {
+    let out = tempfile::NamedTempFile::new().unwrap();
     let data = fs::read(src).unwrap();
-    fs::write(&out, &data[..len as usize]).unwrap();
+    fs::write(out.path(), &data[..len as usize]).unwrap();
     out
 }
 
 fn truncated_image_refused_under_quick() {
     let img = images(&["a1"]);
     let full = fs::metadata(&img["a1"]).unwrap().len();
-    let cut = truncated(&img["a1"], full / 2, "cut");
+    let cut = truncated(&img["a1"], full / 2);
     let catalog = format!(
         "version = 1\n{}",
         entry(
@@ -251,11 +252,11 @@ fn truncated_image_refused_under_quick() {
     let c = Cluster::start_with(
         Slurm::V24_11,
         Options::default()
-            .copy(&cut, "/opt/containers/ml-frameworks/cut.sif")
-            .copy(&cut, "/opt/containers/custom-images/cutscan.sif")
+            .copy(cut.path(), "/opt/containers/ml-frameworks/cut.sif")
+            .copy(cut.path(), "/opt/containers/custom-images/cutscan.sif")
             .file(CATALOG, &catalog),
     );
-    let _ = fs::remove_file(&cut);
+    drop(cut);
     // The catalog knows the size.
     let r = c.srun(&["-N2", "--ml-container=cut", "/bin/true"]);
     r.assert_failed();
@@ -277,7 +278,8 @@ fn flipped_byte_refused_under_full_and_hash_cached() {
     let mut data = fs::read(&img["a1"]).unwrap();
     let mid = data.len() / 2;
     data[mid] ^= 0xff;
-    let flipped = std::env::temp_dir().join(format!("mlc-flip-{}.sif", std::process::id()));
+    let tmp = tempfile::tempdir().unwrap();
+    let flipped = tmp.path().join("flipped.sif");
     fs::write(&flipped, &data).unwrap();
     let catalog = format!(
         "version = 1\n{}{}",
@@ -305,7 +307,7 @@ fn flipped_byte_refused_under_full_and_hash_cached() {
                 "[registry]\nverify = \"full\"\n",
             ),
     );
-    let _ = fs::remove_file(&flipped);
+    drop(tmp);
 
     // quick would pass the flipped image; full refuses it, on every node.
     let r = c.srun(&["-N2", "--ml-container=flipped", "/bin/cat", "/MARKER"]);

@@ -1,5 +1,5 @@
-//! Issue 11 (every supported Slurm release read as that release reads it)
-//! acceptance: on clusters whose nodes are named with text after the
+//! Every supported Slurm release read as that release reads it: on
+//! clusters whose nodes are named with text after the
 //! bracket (`NodeName=gpu[1-2]-ib`, which Slurm 24.11 and 26.05 accept and
 //! 22.05 does not), a 2-node `--ml-container` step gets `MASTER_ADDR` = the
 //! first node and runs, and `ml-container env` built for the same release

@@ -1,4 +1,4 @@
-//! What a first real PyTorch user ran into (issue 16): torch version
+//! What a first real PyTorch user ran into: torch version
 //! strings as tags, an image listed twice, log noise, and torchrun's
 //! workers inheriting per-task variables they should not. Slurm 24.11 with
 //! Apptainer, 2 nodes, jobs as `mluser`.

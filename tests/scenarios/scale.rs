@@ -1,4 +1,4 @@
-//! Issue 15 (at scale) acceptance, the catalog index in srun and on the
+//! At scale: the catalog index in srun and on the
 //! nodes, and the node-local image cache: Slurm 24.11 with
 //! Apptainer, 2 nodes, jobs as `mluser`. The test nodes share one file
 //! system, so the cache key says `%n`: each node gets its own directory,

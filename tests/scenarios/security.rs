@@ -1,9 +1,9 @@
-//! Issue 10, part 1: what root in slurmstepd opens, hashes and believes.
+//! Security, part 1: what root in slurmstepd opens, hashes and believes.
 //! Slurm 24.11 with Apptainer, 2 nodes, jobs as the unprivileged `mluser`
 //! (and `mluser2`, who shares its primary group). Each scenario reproduces
-//! a red-team finding and shows it held: a FIFO swapped in for an image
-//! (H1), a forged pin (M1), a cancelled full hash (H2), the bind-source
-//! existence oracle (L3), root-only registry files (L1).
+//! a red-team finding and shows it held: a FIFO swapped in for an image, a
+//! forged pin, a cancelled full hash, the bind-source existence oracle,
+//! root-only registry files, an untrusted site config.
 
 use std::time::{Duration, Instant};
 
@@ -26,8 +26,8 @@ crate::on_slurm_24_11!(
 const CATALOG: &str = "/opt/containers/.registry/catalog.toml";
 const CONFIG: &str = "/etc/slurm/ml-container.toml";
 const METRICS: &str = "/var/log/slurm/job_metrics.log";
-/// An image directory users may write to (seed 001's "user custom
-/// containers"), allowed for absolute image paths.
+/// An image directory users may write to (users' own custom
+/// containers), allowed for absolute image paths.
 const USER_DIR: &str = "/srv/user-images";
 /// Slurm's carrier of the option from srun to the nodes; a user can set it
 /// in srun's environment without passing the option to srun.
@@ -74,7 +74,7 @@ fn all_logs(c: &Cluster) -> String {
     )
 }
 
-/// H1. An image in a user-writable allowed directory is swapped for a FIFO
+/// An image in a user-writable allowed directory is swapped for a FIFO
 /// after srun checked it: slurmstepd's open used to block until someone
 /// opened the FIFO's other end, scancel did nothing, and the node stayed
 /// COMPLETING for everyone.
@@ -205,7 +205,7 @@ fn a_fifo_swapped_in_for_an_image_never_blocks_a_node() {
     );
 }
 
-/// M1. `ML_CONTAINER_PIN` and Slurm's option variable set by hand in the
+/// `ML_CONTAINER_PIN` and Slurm's option variable set by hand in the
 /// job environment: srun sees no option and leaves the pin alone, so the
 /// nodes get the forged pin. It used to run a withdrawn image (still under
 /// the registry root, but in no catalog entry and no search directory)
@@ -291,7 +291,7 @@ fn a_forged_pin_is_never_believed() {
     assert!(!logs.contains(&huge[..1000]), "a forged name reached a log");
 }
 
-/// H2. `scancel` while a node hashes a large catalog image under verify =
+/// `scancel` while a node hashes a large catalog image under verify =
 /// "full": the hash used to go on for minutes, the node blocked for others.
 fn scancel_during_a_full_hash_frees_the_node() {
     let img = images(&["a1"]);
@@ -388,7 +388,7 @@ fn report(c: &Cluster, job: &str) -> Value {
     serde_json::from_str(&text).expect("report is JSON")
 }
 
-/// L3. A bind source re-pointed during the job at a path only root can
+/// A bind source re-pointed during the job at a path only root can
 /// see, then exit 255: root's stat in task_exit used to tell an existing
 /// path from a missing one in the report.
 fn the_report_is_no_bind_source_existence_oracle() {
@@ -446,7 +446,7 @@ fn the_report_is_no_bind_source_existence_oracle() {
     assert_eq!(secret, nothing);
 }
 
-/// L1. Root-only (0600) files in the registry, named by the catalog, by
+/// Root-only (0600) files in the registry, named by the catalog, by
 /// the scan and by absolute path, reached on the nodes through Slurm's
 /// option variable (srun, as the user, refuses them itself): no message
 /// carries their bytes, size or sha256.
@@ -542,7 +542,7 @@ fn cache_key(c: &Cluster, inside: &str) -> String {
     slurm_ml_container::secure::file_identity(&std::fs::metadata(c.path(inside)).unwrap())
 }
 
-/// Regression guard (held before issue 10, must keep holding): an entry
+/// Regression guard (held before the security work, must keep holding): an entry
 /// that claims a wrong image's sum is believed only when root wrote it;
 /// one owned by a user, or a symlink to a root-owned file, is ignored and
 /// the image is hashed (and refused).
@@ -552,7 +552,8 @@ fn the_hash_cache_trusts_only_roots_own_entries() {
     let mut data = std::fs::read(&img["a1"]).unwrap();
     let mid = data.len() / 2;
     data[mid] ^= 0xff;
-    let flipped = std::env::temp_dir().join(format!("mlc-sec-flip-{}.sif", std::process::id()));
+    let tmp = tempfile::tempdir().unwrap();
+    let flipped = tmp.path().join("flipped.sif");
     std::fs::write(&flipped, &data).unwrap();
     let c = Cluster::start_with(
         Slurm::V24_11,
@@ -572,7 +573,7 @@ fn the_hash_cache_trusts_only_roots_own_entries() {
             )
             .file(CONFIG, "[registry]\nverify = \"full\"\n"),
     );
-    let _ = std::fs::remove_file(&flipped);
+    drop(tmp);
     let key = cache_key(&c, "/opt/containers/ml-frameworks/flipped.sif");
     let dir = "/var/cache/slurm-ml-container/sha256";
     let entry_path = format!("{dir}/{key}");
@@ -632,7 +633,7 @@ fn the_hash_cache_trusts_only_roots_own_entries() {
     );
 }
 
-/// I4: slurmstepd (root) reads the site config only when root alone can
+/// slurmstepd (root) reads the site config only when root alone can
 /// change it; the user sees why, with the fix.
 fn an_untrusted_site_config_is_refused_on_the_nodes() {
     let c = Cluster::start_with(
@@ -718,7 +719,7 @@ fn the_nodes_resolve_when_srun_cannot_read_the_registry() {
     assert!(r.stderr.contains("is not available here"), "{r}");
 }
 
-/// Regression guard (held before issue 10): every spelling of a denied
+/// Regression guard (held before the security work): every spelling of a denied
 /// bind source or destination is refused, by srun and, when the value
 /// reaches the nodes through Slurm's option variable without srun seeing
 /// it, by the nodes; no task runs.
@@ -756,8 +757,8 @@ fn denied_bind_spellings_are_refused_in_srun_and_on_the_nodes() {
         ]);
         r.assert_failed();
         assert!(refused(&r), "{mounts}: {r}");
-        // A value srun never saw. (One that does not even parse is issue
-        // 10's I3, node-only bad option values, on another branch: it is
+        // A value srun never saw. (One that does not even parse is the
+        // node-only bad option value, shown in security_outputs.rs: it is
         // left out here.)
         if !mounts.contains("..") {
             let r = c.srun_env(

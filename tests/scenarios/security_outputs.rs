@@ -1,4 +1,4 @@
-//! Issue 10, part 2 (what root writes, logs, locks and probes): Slurm 24.11
+//! Security, part 2 (what root writes, logs, locks and probes): Slurm 24.11
 //! with Apptainer, 2 nodes, jobs as `mluser`; `mluser2` shares mluser's
 //! primary group. Reports under the default /var/log/slurm/debug.
 
@@ -48,8 +48,9 @@ fn on_n1(c: &Cluster, env: &[(&str, &str)], script: &str) -> Run {
     )
 }
 
-/// L2 (the job's group could read every report), I1 (a reused job id
-/// inherited the old directory) and cross-user `diagnose`.
+/// A report is the job user's alone (the job's group could read every
+/// report), a reused job id starts afresh (it inherited the old
+/// directory), and cross-user `diagnose`.
 fn a_report_is_the_users_alone_and_a_reused_job_id_starts_afresh() {
     let c = cluster(Options::default());
     // Left by an older job 1 (before a MaxJobId wrap or a state loss), as
@@ -226,8 +227,8 @@ fn planted_symlinks_on_the_report_dir_metrics_log_and_hash_cache_are_not_followe
     );
 }
 
-/// I3 (a bad value reaching only the node was dropped) and "Logs" (a
-/// newline in a job string forged a slurmd log line).
+/// A bad value reaching only the node fails the step (it was dropped), and
+/// no newline in a job string reaches a log (one forged a slurmd log line).
 fn a_bad_option_value_only_the_node_sees_fails_the_step_and_no_newline_reaches_a_log() {
     let c = cluster(Options::default());
     // What srun prints for the value given as an option.
@@ -301,7 +302,7 @@ fn a_bad_option_value_only_the_node_sees_fails_the_step_and_no_newline_reaches_a
     assert!(!metrics.contains("FORGED"), "{metrics}");
 }
 
-/// L5: the report's probe connects only to the plugin's own
+/// The report's probe connects only to the plugin's own
 /// MASTER_ADDR:MASTER_PORT, never where the job environment points (here:
 /// n2's slurmd port, which would answer).
 fn the_master_probe_goes_only_to_the_plugins_own_address() {
@@ -310,7 +311,7 @@ fn the_master_probe_goes_only_to_the_plugins_own_address() {
         "[failure]\nprobe_timeout = 2\n",
     ));
     // Two tasks: the probe runs at the node's first failure while another
-    // task of the step still runs (issue 14).
+    // task of the step still runs.
     let r = c.srun_env(
         &[("MASTER_ADDR", "n2"), ("MASTER_PORT", "6818")],
         &[

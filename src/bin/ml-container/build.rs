@@ -29,7 +29,7 @@ use crate::{fail, usage, Args};
 /// Apptainer's cache (base layers, docker blobs) when the recipe keeps
 /// `container_build_cache = true`.
 const BUILD_CACHE: &str = "/var/cache/slurm-ml-container/build";
-/// Without a `container_build_timeout` in the recipe: seed 000's default.
+/// Without a `container_build_timeout` in the recipe: an hour.
 const DEFAULT_TIMEOUT: u64 = 3600;
 
 fn recipe_dir(args: &mut Args) -> PathBuf {

@@ -1,4 +1,4 @@
-//! The node cache commands (issue 15): `cache list|prune|fill|check` on a
+//! The node cache commands: `cache list|prune|fill|check` on a
 //! node, and `stage IMAGE --nodes HOSTLIST` / `verify --nodes HOSTLIST`,
 //! which run `cache fill` / `cache check` on every node through Slurm
 //! itself (one task per node, `srun`), not ssh.

@@ -1,5 +1,7 @@
-//! `doctor`: one line per finding, each with its fix (issue 7; USERS.md
-//! #11: say when the installed plugin does not match the running Slurm).
+//! `doctor`: one line per finding, each with its fix; among them, when the
+//! installed plugin does not match the running Slurm (a plugin loads only
+//! in the release it was built for: docs/DESIGN.md, Slurm facts per
+//! release).
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;

@@ -14,62 +14,176 @@ use slurm_ml_container::config::{PlugstackArgs, SiteConfig};
 use slurm_ml_container::distenv;
 use slurm_ml_container::report;
 
-const USAGE: &str = "usage: ml-container <command> [args] [--config PATH]
+/// One command of the CLI: the one home of its usage. `ml-container
+/// --help` prints the list, `ml-container COMMAND --help` the command's own
+/// usage and `details`; `tests/cli.rs` checks that every command here is in
+/// the man page (`packaging/man/ml-container.8`) and the README.
+#[derive(Debug)]
+struct Command {
+    name: &'static str,
+    /// Its arguments, one usage form per entry (without `--config PATH`,
+    /// which every command takes).
+    forms: &'static [&'static str],
+    /// One line for the list.
+    summary: &'static str,
+    /// What `COMMAND --help` says after the usage.
+    details: &'static str,
+}
 
-commands:
-  init                     create the registry layout (root:slurm 0755) and catalog
-  add FILE --name N --tag T [--default] [--alias A]... [--description D]
-      [--label K=V]... [--copy-to DIR]
-                           validate, hash and add an image to the catalog
-  remove NAME:TAG          remove a catalog entry (the file stays)
-  reindex                  check the catalog and rewrite its index (after a hand edit)
-  list [--json]            the images users can name
-  show IMAGE               what --ml-container=IMAGE resolves to
-  verify IMAGE | --all     check structure, size and sha256
-  verify --nodes HOSTLIST IMAGE | --all
-                           on every node (through srun): in its cache or only in
-                           the registry, size, sha256 ok, age; one line per node
-  stage IMAGE --nodes HOSTLIST [--srun-arg ARG]...
-                           fill the node caches (registry.node_cache) through srun
-  cache list | prune [--all] | fill IMAGE | check IMAGE|--all
-                           this node's image cache
-  doctor                   check config, runtime, plugstack, Slurm, registry
-  diagnose JOBID           show the failure reports of a job
-  prune [--older-than DAYS] [--dry-run]
-                           remove failure reports older than DAYS (30) days
-  env [--task N]           print, as export lines, the distributed environment
-                           the plugin sets, from the SLURM_* variables here
-  config                   check the site config and print it as loaded
-  version                  print the version and the Slurm it was built for
-  build RECIPE --name N --tag T [--set KEY=VALUE]... [--default]
-                           build an image from a recipe with apptainer and add it
-  recipes                  the recipes and their variables with defaults
+/// Every command, in the order `--help` lists them.
+const COMMANDS: &[Command] = &[
+    Command {
+        name: "init",
+        forms: &[""],
+        summary: "create the registry layout (root:slurm 0755) and catalog",
+        details: "Create the registry root and ml-frameworks/, custom-images/, base-images/,\n.registry/ (root:slurm, 0755) and an empty catalog if there is none.",
+    },
+    Command {
+        name: "add",
+        forms: &["FILE --name N --tag T [--default] [--alias A]...\n    [--description D] [--label K=V]... [--copy-to DIR]"],
+        summary: "validate, hash and add an image to the catalog",
+        details: "Check FILE is a sound SIF (or squashfs) image, record its size and sha256,\nand add it to the catalog under a lock (atomic rewrite). FILE must be inside\nthe registry, or --copy-to DIR copies it to <root>/DIR/<name>-<tag>.sif.\n--default makes it what a bare NAME means.",
+    },
+    Command {
+        name: "remove",
+        forms: &["NAME:TAG"],
+        summary: "remove a catalog entry (the file stays)",
+        details: "Remove a catalog entry (atomic rewrite). The image file stays.",
+    },
+    Command {
+        name: "reindex",
+        forms: &[""],
+        summary: "check the catalog and rewrite its index (after a hand edit)",
+        details: "Check the catalog strictly and rewrite .registry/catalog.idx, the index srun\nand the nodes resolve names with (add and remove keep it current; after a\nhand edit of the catalog it is stale and resolution parses the whole catalog).",
+    },
+    Command {
+        name: "list",
+        forms: &["[--json]"],
+        summary: "the images users can name",
+        details: "The catalog's images and the <name>.sif files the scan finds.",
+    },
+    Command {
+        name: "show",
+        forms: &["IMAGE"],
+        summary: "what --ml-container=IMAGE resolves to",
+        details: "What --ml-container=IMAGE resolves to, and its catalog entry.",
+    },
+    Command {
+        name: "verify",
+        forms: &[
+            "IMAGE | --all",
+            "--nodes HOSTLIST IMAGE | --all [--srun-arg ARG]...",
+        ],
+        summary: "check structure, size and sha256 (--nodes: on each node)",
+        details: "Check structure, size and sha256 of catalog images; exit 1 naming each failure.\nWith --nodes: on each node, through srun (one task per node), one line per\nnode and image: in its cache (size, sha256 ok, last use) or only in the\nregistry (size); exit 1 when a node fails or holds a changed copy.",
+    },
+    Command {
+        name: "stage",
+        forms: &["IMAGE --nodes HOSTLIST [--srun-arg ARG]..."],
+        summary: "fill the node caches (registry.node_cache) through srun",
+        details: "Fill the node caches (registry.node_cache) ahead of a big job: runs\n'ml-container cache fill IMAGE' once on every node through srun (as root:\nthe cache is root's; run it with sudo). Each node resolves IMAGE from its\nown catalog read, copies it hashing on the way and checks the catalog's\nsha256. --srun-arg passes options to srun (--partition=P, --reservation=R).",
+    },
+    Command {
+        name: "cache",
+        forms: &["list | prune [--all] | fill IMAGE | check IMAGE|--all"],
+        summary: "this node's image cache",
+        details: "This node's image cache (registry.node_cache): list its images (size,\nlast use, in use by a step, unchanged since hashed); prune removes those\nno step uses that changed or left the catalog (--all: every one not in\nuse); fill copies IMAGE in (as root); check prints one line per image.",
+    },
+    Command {
+        name: "doctor",
+        forms: &[""],
+        summary: "check config, runtime, plugstack, Slurm, registry",
+        details: "Check the config, the runtime, the plugstack line and plugin, the running\nSlurm against the build, registry modes and catalog entries; one line per\nfinding with its fix; exit 1 if any problem.",
+    },
+    Command {
+        name: "diagnose",
+        forms: &["JOBID"],
+        summary: "show the failure reports of a job",
+        details: "Show the failure reports the plugin wrote for a job.",
+    },
+    Command {
+        name: "prune",
+        forms: &["[--older-than DAYS] [--dry-run]"],
+        summary: "remove failure reports older than DAYS (30) days",
+        details: "Remove the job directories under the report dir (failure.report_dir) that\nhave not changed for DAYS days (default 30), including those moved aside\nwhen a job id was reused. --dry-run only lists them. Needs root.",
+    },
+    Command {
+        name: "env",
+        forms: &["[--task N]"],
+        summary: "the distributed environment the plugin sets, as export lines",
+        details: "Print, as export lines, the distributed environment the plugin sets, from\nthe SLURM_* variables here (with --task N: for task N, block distribution).",
+    },
+    Command {
+        name: "config",
+        forms: &[""],
+        summary: "check the site config and print it as loaded",
+        details: "Check the site config and print it as the plugin loads it.",
+    },
+    Command {
+        name: "version",
+        forms: &[""],
+        summary: "print the version and the Slurm it was built for",
+        details: "Print the version and the Slurm release it was built for (a plugin\nloads only in that release).",
+    },
+    Command {
+        name: "build",
+        forms: &["RECIPE --name N --tag T [--set KEY=VALUE]... [--default]\n    [--copy-to DIR] [--recipes DIR] [--dry-run]"],
+        summary: "build an image from a recipe with apptainer and add it",
+        details: "Render RECIPE (a name from 'ml-container recipes', or a path to a .def\ntemplate) with its defaults and the --set values, run 'apptainer build' on\nit (killed after container_build_timeout seconds), then add the image to\nthe catalog with its size and sha256 as <root>/DIR/<name>-<tag>.sif (DIR:\nml-frameworks). A failed build adds nothing. --dry-run prints the rendered\ndefinition.",
+    },
+    Command {
+        name: "recipes",
+        forms: &["[--recipes DIR]"],
+        summary: "the recipes and their variables with defaults",
+        details: "The recipes (default: /usr/share/slurm-ml-container/recipes) and their\nvariables with defaults.",
+    },
+];
 
---config PATH reads another site config than /etc/slurm/ml-container.toml.
-Exit codes: 0 ok, 1 problem found, 2 usage.
-";
+/// Column where the list's summaries start.
+const SUMMARY_AT: usize = 27;
+
+/// `ml-container --help`: every command of [`COMMANDS`], one form per line
+/// with its summary beside it (below it when the form is long).
+fn usage_text() -> String {
+    let mut out =
+        String::from("usage: ml-container <command> [args] [--config PATH]\n\ncommands:\n");
+    for c in COMMANDS {
+        for (i, form) in c.forms.iter().enumerate() {
+            let line = format!("  {} {}", c.name, form.replace("\n    ", "\n      "));
+            let line = line.trim_end();
+            let last = i + 1 == c.forms.len();
+            if !last {
+                out.push_str(line);
+                out.push('\n');
+            } else if line.contains('\n') || line.len() + 1 > SUMMARY_AT {
+                out.push_str(&format!("{line}\n{:SUMMARY_AT$}{}\n", "", c.summary));
+            } else {
+                out.push_str(&format!("{line:<SUMMARY_AT$}{}\n", c.summary));
+            }
+        }
+    }
+    out.push_str(
+        "\n--config PATH reads another site config than /etc/slurm/ml-container.toml.\n\
+         ml-container COMMAND --help says more about COMMAND.\n\
+         Exit codes: 0 ok, 1 problem found, 2 usage.\n",
+    );
+    out
+}
 
 /// `ml-container COMMAND --help`: that command's usage and what it does.
-fn command_help(cmd: &str) -> Option<&'static str> {
-    Some(match cmd {
-        "init" => "usage: ml-container init [--config PATH]\n\nCreate the registry root and ml-frameworks/, custom-images/, base-images/,\n.registry/ (root:slurm, 0755) and an empty catalog if there is none.",
-        "add" => "usage: ml-container add FILE --name N --tag T [--default] [--alias A]...\n       [--description D] [--label K=V]... [--copy-to DIR] [--config PATH]\n\nCheck FILE is a sound SIF (or squashfs) image, record its size and sha256,\nand add it to the catalog under a lock (atomic rewrite). FILE must be inside\nthe registry, or --copy-to DIR copies it to <root>/DIR/<name>-<tag>.sif.\n--default makes it what a bare NAME means.",
-        "reindex" => "usage: ml-container reindex [--config PATH]\n\nCheck the catalog strictly and rewrite .registry/catalog.idx, the index srun\nand the nodes resolve names with (add and remove keep it current; after a\nhand edit of the catalog it is stale and resolution parses the whole catalog).",
-        "remove" => "usage: ml-container remove NAME:TAG [--config PATH]\n\nRemove a catalog entry (atomic rewrite). The image file stays.",
-        "list" => "usage: ml-container list [--json] [--config PATH]\n\nThe catalog's images and the <name>.sif files the scan finds.",
-        "show" => "usage: ml-container show IMAGE [--config PATH]\n\nWhat --ml-container=IMAGE resolves to, and its catalog entry.",
-        "verify" => "usage: ml-container verify IMAGE | --all [--config PATH]\n       ml-container verify --nodes HOSTLIST IMAGE | --all [--srun-arg ARG]... [--config PATH]\n\nCheck structure, size and sha256 of catalog images; exit 1 naming each failure.\nWith --nodes: on each node, through srun (one task per node), one line per\nnode and image: in its cache (size, sha256 ok, last use) or only in the\nregistry (size); exit 1 when a node fails or holds a changed copy.",
-        "stage" => "usage: ml-container stage IMAGE --nodes HOSTLIST [--srun-arg ARG]... [--config PATH]\n\nFill the node caches (registry.node_cache) ahead of a big job: runs\n'ml-container cache fill IMAGE' once on every node through srun (as root:\nthe cache is root's; run it with sudo). Each node resolves IMAGE from its\nown catalog read, copies it hashing on the way and checks the catalog's\nsha256. --srun-arg passes options to srun (--partition=P, --reservation=R).",
-        "cache" => "usage: ml-container cache list | prune [--all] | fill IMAGE | check IMAGE|--all [--config PATH]\n\nThis node's image cache (registry.node_cache): list its images (size,\nlast use, in use by a step, unchanged since hashed); prune removes those\nno step uses that changed or left the catalog (--all: every one not in\nuse); fill copies IMAGE in (as root); check prints one line per image.",
-        "doctor" => "usage: ml-container doctor [--config PATH]\n\nCheck the config, the runtime, the plugstack line and plugin, the running\nSlurm against the build, registry modes and catalog entries; one line per\nfinding with its fix; exit 1 if any problem.",
-        "diagnose" => "usage: ml-container diagnose JOBID [--config PATH]\n\nShow the failure reports the plugin wrote for a job.",
-        "prune" => "usage: ml-container prune [--older-than DAYS] [--dry-run] [--config PATH]\n\nRemove the job directories under the report dir (failure.report_dir) that\nhave not changed for DAYS days (default 30), including those moved aside\nwhen a job id was reused. --dry-run only lists them. Needs root.",
-        "env" => "usage: ml-container env [--task N] [--config PATH]\n\nPrint, as export lines, the distributed environment the plugin sets, from\nthe SLURM_* variables here (with --task N: for task N, block distribution).",
-        "config" => "usage: ml-container config [--config PATH]\n\nCheck the site config and print it as the plugin loads it.",
-        "build" => "usage: ml-container build RECIPE --name N --tag T [--set KEY=VALUE]... [--default]\n       [--copy-to DIR] [--recipes DIR] [--dry-run] [--config PATH]\n\nRender RECIPE (a name from 'ml-container recipes', or a path to a .def\ntemplate) with its defaults and the --set values, run 'apptainer build' on\nit (killed after container_build_timeout seconds), then add the image to\nthe catalog with its size and sha256 as <root>/DIR/<name>-<tag>.sif (DIR:\nml-frameworks). A failed build adds nothing. --dry-run prints the rendered\ndefinition.",
-        "recipes" => "usage: ml-container recipes [--recipes DIR]\n\nThe recipes (default: /usr/share/slurm-ml-container/recipes) and their\nvariables with defaults.",
-        _ => return None,
-    })
+fn command_help(cmd: &str) -> Option<String> {
+    let c = COMMANDS.iter().find(|c| c.name == cmd)?;
+    let mut out = String::new();
+    for (i, form) in c.forms.iter().enumerate() {
+        let lead = if i == 0 { "usage:" } else { "      " };
+        let form = form.replace("\n    ", "\n       ");
+        let line = format!("{lead} ml-container {} {form}", c.name);
+        out.push_str(line.trim_end());
+        out.push_str(" [--config PATH]\n");
+    }
+    out.push('\n');
+    out.push_str(c.details);
+    Some(out)
 }
 
 /// A small argument reader: flags and options anywhere, the rest positional.
@@ -148,7 +262,7 @@ fn load(config: Option<&str>) -> Result<(SiteConfig, PathBuf), String> {
 fn main() -> ExitCode {
     let raw: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = raw.first().cloned() else {
-        eprint!("{USAGE}");
+        eprint!("{}", usage_text());
         return ExitCode::from(2);
     };
     match cmd.as_str() {
@@ -161,7 +275,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         "help" | "--help" | "-h" => {
-            print!("{USAGE}");
+            print!("{}", usage_text());
             return ExitCode::SUCCESS;
         }
         _ => {}
@@ -170,7 +284,7 @@ fn main() -> ExitCode {
     if args.flag("--help") || args.flag("-h") {
         match command_help(&cmd) {
             Some(help) => println!("{help}"),
-            None => print!("{USAGE}"),
+            None => print!("{}", usage_text()),
         }
         return ExitCode::SUCCESS;
     }

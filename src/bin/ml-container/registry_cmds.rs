@@ -15,7 +15,8 @@ use slurm_ml_container::registry::Registry;
 
 use crate::{fail, usage, Args};
 
-/// `init`: the seed 001 layout, root:slurm 0755, and an empty catalog.
+/// `init`: the registry layout (`ml-frameworks/`, `custom-images/`,
+/// `base-images/`, `.registry/`), root:slurm 0755, and an empty catalog.
 pub fn init(cfg: &SiteConfig) -> ExitCode {
     let root = cfg.registry.root.as_path();
     let group = nix::unistd::Group::from_name("slurm")
@@ -94,8 +95,8 @@ impl<R: Read, W: Write> Read for Tee<R, W> {
 }
 
 /// sha256 of what `r` (`total` bytes, from `path`) yields, with a progress
-/// line on a terminal for large files (multi-GB images take a while:
-/// USERS.md #12).
+/// line on a terminal for large files (multi-GB images take a while, and
+/// a silent minute looks like a hang).
 fn sha256_with_progress(
     r: impl Read,
     what: &'static str,

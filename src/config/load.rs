@@ -1,457 +1,15 @@
-//! The site configuration, `/etc/slurm/ml-container.toml` (SPEC "Site config").
-//!
-//! Sources, in order of precedence (USERS.md #5: one documented source per
-//! setting): built-in defaults, then the file, then `key=value` arguments on
-//! the plugstack line (`runtime.gpus=off`). A missing file means defaults; a
-//! malformed one is an error naming the file, the line and the key.
+//! Loading the site config: the plugstack line's arguments, the file
+//! (read the one safe way), strict parsing with file, line and key in
+//! every error, and `section.key=value` overrides.
 #![forbid(unsafe_code)]
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use crate::tomlpos;
 
-/// Where the site config lives unless `config=PATH` says otherwise.
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/slurm/ml-container.toml";
-/// Where the package installs `ml-container-launch`.
-pub const DEFAULT_LAUNCHER: &str = "/usr/libexec/slurm-ml-container/ml-container-launch";
-/// A config larger than this is certainly not a config.
-pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum GpuPolicy {
-    /// `--nv` when the step was given GPUs.
-    #[default]
-    Auto,
-    On,
-    Off,
-}
-
-impl fmt::Display for GpuPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            GpuPolicy::Auto => "auto",
-            GpuPolicy::On => "on",
-            GpuPolicy::Off => "off",
-        })
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum VerifyLevel {
-    /// Size and SIF structure.
-    #[default]
-    Quick,
-    /// sha256, cached per node.
-    Full,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum RuntimeKind {
-    #[default]
-    Apptainer,
-    Singularity,
-    Charliecloud,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum AddrKind {
-    /// MASTER_ADDR is the first host name of the step.
-    #[default]
-    Hostname,
-    /// MASTER_ADDR is that host's IP address.
-    Ip,
-}
-
-/// An absolute path; relative paths in a root-read config are a trap.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct AbsPath(pub PathBuf);
-
-impl AbsPath {
-    pub fn as_path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl<'de> Deserialize<'de> for AbsPath {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        if s.starts_with('/') {
-            Ok(AbsPath(PathBuf::from(s)))
-        } else {
-            Err(serde::de::Error::custom(format!(
-                "'{s}' is not an absolute path (it must start with /)"
-            )))
-        }
-    }
-}
-
-impl Serialize for AbsPath {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0.to_string_lossy())
-    }
-}
-
-/// `[lo, hi]`, both inclusive, inside the unprivileged port range.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PortRange {
-    pub lo: u16,
-    pub hi: u16,
-}
-
-impl<'de> Deserialize<'de> for PortRange {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let v = <[u16; 2]>::deserialize(d)?;
-        if v[0] < 1024 || v[0] > v[1] {
-            return Err(serde::de::Error::custom(format!(
-                "[{}, {}] is not a port range: write [LOW, HIGH] with 1024 <= LOW <= HIGH <= 65535",
-                v[0], v[1]
-            )));
-        }
-        Ok(PortRange { lo: v[0], hi: v[1] })
-    }
-}
-
-impl Serialize for PortRange {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        [self.lo, self.hi].serialize(s)
-    }
-}
-
-/// An environment variable name, `[A-Za-z_][A-Za-z0-9_]*`.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(transparent)]
-pub struct EnvName(pub String);
-
-impl<'de> Deserialize<'de> for EnvName {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let mut chars = s.chars();
-        let ok = matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
-            && chars.all(|c| c == '_' || c.is_ascii_alphanumeric());
-        if ok {
-            Ok(EnvName(s))
-        } else {
-            Err(serde::de::Error::custom(format!(
-                "'{s}' is not a valid environment variable name"
-            )))
-        }
-    }
-}
-
-/// A variable's value: TOML strings, integers and booleans are all accepted
-/// (`NCCL_IB_DISABLE = 1` is what admins write).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(transparent)]
-pub struct EnvValue(pub String);
-
-impl<'de> Deserialize<'de> for EnvValue {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Scalar {
-            S(String),
-            I(i64),
-            B(bool),
-        }
-        match Scalar::deserialize(d) {
-            Ok(Scalar::S(s)) if s.contains('\0') => Err(serde::de::Error::custom(
-                "a value may not contain a NUL character",
-            )),
-            Ok(Scalar::S(s)) => Ok(EnvValue(s)),
-            Ok(Scalar::I(i)) => Ok(EnvValue(i.to_string())),
-            Ok(Scalar::B(b)) => Ok(EnvValue(if b { "1" } else { "0" }.to_string())),
-            Err(_) => Err(serde::de::Error::custom(
-                "expected a string, an integer or a boolean",
-            )),
-        }
-    }
-}
-
-pub type EnvMap = BTreeMap<EnvName, EnvValue>;
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RegistryConfig {
-    /// The registry root (seed 001 layout).
-    pub root: AbsPath,
-    /// Directories under the root scanned for `<name>.sif`.
-    pub search_dirs: Vec<String>,
-    /// Directories an absolute image path may point into; empty: the root.
-    pub allowed_dirs: Vec<AbsPath>,
-    pub verify: VerifyLevel,
-    /// Besides root, the user trusted to own the catalog (name or uid).
-    pub owner: String,
-    /// Per-node cache of verified sha256 sums (root-owned).
-    pub hash_cache: AbsPath,
-    /// Node-local image cache directory ("" = off); `%n` is the node's
-    /// short host name (one directory per node on a shared file system).
-    pub node_cache: NodeCacheDir,
-    /// The most the node cache may hold, e.g. "200G".
-    pub node_cache_max: ByteSize,
-}
-
-/// `registry.node_cache`: "" (off) or an absolute path, `%n` allowed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeCacheDir(pub String);
-
-impl NodeCacheDir {
-    /// The directory on the node named `host`; `None` when off.
-    pub fn for_host(&self, host: &str) -> Option<PathBuf> {
-        if self.0.is_empty() {
-            return None;
-        }
-        Some(PathBuf::from(self.0.replace("%n", host)))
-    }
-}
-
-impl<'de> Deserialize<'de> for NodeCacheDir {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let ok = s.is_empty()
-            || (s.starts_with('/')
-                && !s.contains('\0')
-                && !s.split('/').any(|c| c == "..")
-                && s.replace("%n", "").find('%').is_none());
-        if ok {
-            Ok(NodeCacheDir(s))
-        } else {
-            Err(serde::de::Error::custom(format!(
-                "'{}' is not an absolute path without '..' ('%n' = the node's name; \"\" = off)",
-                s.escape_default()
-            )))
-        }
-    }
-}
-
-impl Serialize for NodeCacheDir {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
-    }
-}
-
-/// A size in bytes, written `200G`, `512M`, `1T`, `4096` (powers of 1024).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ByteSize(pub u64);
-
-impl ByteSize {
-    pub fn parse(s: &str) -> Option<ByteSize> {
-        let s = s.trim();
-        let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-        let n: u64 = digits.parse().ok()?;
-        let shift = match unit.trim().to_ascii_uppercase().as_str() {
-            "" | "B" => 0,
-            "K" | "KB" | "KIB" => 10,
-            "M" | "MB" | "MIB" => 20,
-            "G" | "GB" | "GIB" => 30,
-            "T" | "TB" | "TIB" => 40,
-            _ => return None,
-        };
-        n.checked_mul(1u64 << shift).map(ByteSize)
-    }
-}
-
-impl fmt::Display for ByteSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.0;
-        for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
-            if n >= 1 << shift && n.is_multiple_of(1 << shift) {
-                return write!(f, "{}{unit}", n >> shift);
-            }
-        }
-        write!(f, "{n}")
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            N(u64),
-            S(String),
-        }
-        let parsed = match Raw::deserialize(d) {
-            Ok(Raw::N(n)) => Some(ByteSize(n)),
-            Ok(Raw::S(s)) => ByteSize::parse(&s),
-            Err(_) => None,
-        };
-        parsed.ok_or_else(|| {
-            serde::de::Error::custom("expected a size such as \"200G\", \"512M\" or 4096 (bytes)")
-        })
-    }
-}
-
-impl Serialize for ByteSize {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
-    }
-}
-
-impl Default for RegistryConfig {
-    fn default() -> Self {
-        RegistryConfig {
-            root: AbsPath(PathBuf::from("/opt/containers")),
-            search_dirs: ["ml-frameworks", "custom-images", "base-images"]
-                .map(String::from)
-                .to_vec(),
-            allowed_dirs: Vec::new(),
-            verify: VerifyLevel::Quick,
-            owner: "root".to_string(),
-            hash_cache: AbsPath(PathBuf::from("/var/cache/slurm-ml-container/sha256")),
-            node_cache: NodeCacheDir::default(),
-            node_cache_max: ByteSize(100 << 30),
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RuntimeConfig {
-    pub kind: RuntimeKind,
-    /// The runtime binary; unset: looked up in PATH by kind.
-    pub path: Option<AbsPath>,
-    pub gpus: GpuPolicy,
-    /// Default binds, `SRC[:DST[:ro|rw]]` (seed 002: data, work, models).
-    pub binds: Vec<String>,
-    /// Paths users may not bind onto or from.
-    pub denied_binds: Vec<AbsPath>,
-    /// Extra arguments passed to `<runtime> exec`.
-    pub extra_args: Vec<String>,
-    /// The runtime's global `--quiet` (Apptainer, Singularity): hides its
-    /// INFO lines (such as "gocryptfs not found") on every task's stderr;
-    /// warnings and errors still show.
-    pub quiet: bool,
-    /// The small program every containerized task runs under
-    /// (src/bin/ml-container-launch.rs).
-    pub launcher: AbsPath,
-}
-
-impl Default for RuntimeConfig {
-    fn default() -> Self {
-        RuntimeConfig {
-            kind: RuntimeKind::Apptainer,
-            path: None,
-            gpus: GpuPolicy::Auto,
-            binds: [
-                "/shared/data:/data",
-                "/shared/work:/work",
-                "/shared/models:/models",
-            ]
-            .map(String::from)
-            .to_vec(),
-            denied_binds: ["/", "/etc", "/proc", "/sys", "/dev", "/boot", "/run"]
-                .map(|p| AbsPath(PathBuf::from(p)))
-                .to_vec(),
-            extra_args: Vec::new(),
-            quiet: true,
-            launcher: AbsPath(PathBuf::from(DEFAULT_LAUNCHER)),
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DistributedConfig {
-    pub enabled: bool,
-    pub port_range: PortRange,
-    pub addr: AddrKind,
-}
-
-impl Default for DistributedConfig {
-    fn default() -> Self {
-        DistributedConfig {
-            enabled: true,
-            port_range: PortRange {
-                lo: 29500,
-                hi: 30499,
-            },
-            addr: AddrKind::Hostname,
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FailureConfig {
-    pub report_dir: AbsPath,
-    pub metrics_log: AbsPath,
-    pub syslog: bool,
-    /// Seconds each node probe (nvidia-smi, master reachability) may take.
-    pub probe_timeout: u32,
-    /// Bytes of each task's stderr tail kept for the report (0 = off): the
-    /// launcher copies the task's stderr through a pipe and keeps the last
-    /// bytes (the output itself is unchanged).
-    pub capture_stderr: u32,
-    /// node_exporter's textfile-collector directory ("" = off): each node
-    /// keeps `ml-container.prom` there.
-    pub prometheus_dir: OptAbsPath,
-}
-
-/// An absolute path, or "" for off.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct OptAbsPath(pub Option<PathBuf>);
-
-impl OptAbsPath {
-    pub fn as_path(&self) -> Option<&Path> {
-        self.0.as_deref()
-    }
-}
-
-impl<'de> Deserialize<'de> for OptAbsPath {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        if s.is_empty() {
-            Ok(OptAbsPath(None))
-        } else if s.starts_with('/') {
-            Ok(OptAbsPath(Some(PathBuf::from(s))))
-        } else {
-            Err(serde::de::Error::custom(format!(
-                "'{s}' is not an absolute path; give one, or \"\" for off"
-            )))
-        }
-    }
-}
-
-impl Serialize for OptAbsPath {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match &self.0 {
-            Some(p) => s.serialize_str(&p.to_string_lossy()),
-            None => s.serialize_str(""),
-        }
-    }
-}
-
-impl Default for FailureConfig {
-    fn default() -> Self {
-        FailureConfig {
-            report_dir: AbsPath(PathBuf::from("/var/log/slurm/debug")),
-            metrics_log: AbsPath(PathBuf::from("/var/log/slurm/job_metrics.log")),
-            syslog: true,
-            probe_timeout: 5,
-            capture_stderr: 65536,
-            prometheus_dir: OptAbsPath(None),
-        }
-    }
-}
-
-/// The whole site configuration.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SiteConfig {
-    pub registry: RegistryConfig,
-    pub runtime: RuntimeConfig,
-    pub distributed: DistributedConfig,
-    pub nccl: EnvMap,
-    pub env: EnvMap,
-    pub failure: FailureConfig,
-}
+use super::{AbsPath, SiteConfig, DEFAULT_CONFIG_PATH, MAX_CONFIG_BYTES};
 
 /// Why the configuration could not be used. `Display` is one line.
 #[derive(Debug)]
@@ -580,18 +138,18 @@ impl SiteConfig {
     pub fn parse(path: &Path, text: &str) -> Result<SiteConfig, ConfigError> {
         let cfg: SiteConfig = toml::from_str(text).map_err(|e| {
             let (line, key) = match e.span() {
-                Some(span) => locate(text, span.start),
+                Some(span) => tomlpos::locate(text, span.start),
                 None => (1, String::new()),
             };
             ConfigError::Parse {
                 path: path.to_path_buf(),
                 line,
                 key,
-                message: one_line(e.message()),
+                message: tomlpos::one_line(e.message()),
             }
         })?;
         cfg.check_nccl().map_err(|(name, message)| {
-            let line = find_key_line(text, "nccl", &name).unwrap_or(1);
+            let line = tomlpos::find_key_line(text, "nccl", &name).unwrap_or(1);
             ConfigError::Parse {
                 path: path.to_path_buf(),
                 line,
@@ -633,11 +191,11 @@ impl SiteConfig {
             // Check each override alone so the error names the right one.
             root.clone()
                 .try_into::<SiteConfig>()
-                .map_err(|e| arg_err(key, value, one_line(e.message())))?;
+                .map_err(|e| arg_err(key, value, tomlpos::one_line(e.message())))?;
         }
         let cfg: SiteConfig = root
             .try_into()
-            .map_err(|e: toml::de::Error| arg_err("", "", one_line(e.message())))?;
+            .map_err(|e: toml::de::Error| arg_err("", "", tomlpos::one_line(e.message())))?;
         cfg.check_nccl()
             .map_err(|(name, message)| arg_err(&format!("nccl.{name}"), "", message))?;
         Ok(cfg)
@@ -701,68 +259,10 @@ fn read_limited(path: &Path) -> Result<String, ConfigError> {
     }
 }
 
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// The 1-based line of byte `offset` and the dotted key written there
-/// (`section.key`), found from the text around it.
-fn locate(text: &str, offset: usize) -> (usize, String) {
-    let offset = offset.min(text.len());
-    let before = text.get(..offset).unwrap_or("");
-    let line_no = before.matches('\n').count() + 1;
-    let line = text.lines().nth(line_no - 1).unwrap_or("");
-    let section = text
-        .lines()
-        .take(line_no)
-        .filter_map(section_name)
-        .last()
-        .unwrap_or_default();
-    let key = match line.split_once('=') {
-        _ if section_name(line).is_some() => section.clone(),
-        Some((k, _)) => {
-            let k = k.trim().trim_matches('"');
-            if section.is_empty() {
-                k.to_string()
-            } else {
-                format!("{section}.{k}")
-            }
-        }
-        None => section.clone(),
-    };
-    (line_no, key)
-}
-
-fn section_name(line: &str) -> Option<String> {
-    let l = line.trim();
-    if l.starts_with('[') {
-        let inner = l.trim_start_matches('[');
-        let end = inner.find(']')?;
-        Some(inner[..end].trim().to_string())
-    } else {
-        None
-    }
-}
-
-fn find_key_line(text: &str, section: &str, key: &str) -> Option<usize> {
-    let mut current = String::new();
-    for (i, line) in text.lines().enumerate() {
-        if let Some(s) = section_name(line) {
-            current = s;
-        } else if current == section {
-            if let Some((k, _)) = line.split_once('=') {
-                if k.trim().trim_matches('"') == key {
-                    return Some(i + 1);
-                }
-            }
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::*;
 
     fn parse(text: &str) -> Result<SiteConfig, ConfigError> {
         SiteConfig::parse(Path::new("/etc/slurm/ml-container.toml"), text)
@@ -992,12 +492,12 @@ probe_timeout = 2
     }
 
     /// As root, a site config someone else could change is refused, with
-    /// the fix; as any other user the same file is read (I4).
+    /// the fix; as any other user the same file is read.
     #[test]
     fn root_refuses_an_untrusted_config() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("mlc-cfg-trust-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let path = dir.join("ml-container.toml");
@@ -1015,7 +515,6 @@ probe_timeout = 2
         chmod(&dir, 0o777).unwrap();
         let dir_writable = SiteConfig::load(&args);
         chmod(&dir, 0o755).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(good.unwrap().runtime.gpus, GpuPolicy::Off);
         if nix::unistd::geteuid().is_root() {
             for (what, r) in [("file", writable), ("directory", dir_writable)] {
