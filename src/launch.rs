@@ -242,11 +242,7 @@ impl Plan {
                 }
                 for b in &self.binds {
                     argv.push("--bind".into());
-                    argv.push(if b.read_only {
-                        format!("{}:{}:ro", s(&b.src), s(&b.dst))
-                    } else {
-                        format!("{}:{}", s(&b.src), s(&b.dst))
-                    });
+                    argv.push(bind_arg(b, true));
                 }
                 if let Some(w) = &self.workdir {
                     argv.push("--pwd".into());
@@ -258,7 +254,7 @@ impl Plan {
             RuntimeKind::Charliecloud => {
                 for b in &self.binds {
                     argv.push("-b".into());
-                    argv.push(format!("{}:{}", s(&b.src), s(&b.dst)));
+                    argv.push(bind_arg(b, false));
                 }
                 if let Some(w) = &self.workdir {
                     argv.push("-c".into());
@@ -273,6 +269,18 @@ impl Plan {
             }
         }
         argv
+    }
+}
+
+/// One bind as the runtime takes it: `SRC:DST`, and `:ro` where the
+/// runtime has it (Apptainer, Singularity; Charliecloud binds read-only
+/// anyway).
+pub fn bind_arg(b: &Mount, with_ro: bool) -> String {
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    if b.read_only && with_ro {
+        format!("{}:{}:ro", s(&b.src), s(&b.dst))
+    } else {
+        format!("{}:{}", s(&b.src), s(&b.dst))
     }
 }
 
@@ -302,6 +310,9 @@ pub struct LaunchSpec {
     /// Keep the tail of the task's stderr for its failure report.
     #[serde(default)]
     pub capture: Option<StderrCapture>,
+    /// Run in the step's shared container (`runtime.share_namespaces`).
+    #[serde(default)]
+    pub share: Option<crate::share::Share>,
 }
 
 /// Where and how much of a task's stderr the launcher keeps: it copies
@@ -584,7 +595,24 @@ mod tests {
                 file: "/run/slurm-ml-container/6.0.n1/stderr.1".into(),
                 bytes: 65536,
             }),
+            share: crate::share::Share::for_plan(
+                &Plan {
+                    kind: RuntimeKind::Apptainer,
+                    runtime: "/usr/bin/apptainer".into(),
+                    image: "/img.sif".into(),
+                    nv: false,
+                    binds: Vec::new(),
+                    workdir: None,
+                    writable_tmpfs: false,
+                    extra_args: Vec::new(),
+                    quiet: true,
+                },
+                Path::new("/run/slurm-ml-container/6.0.n1"),
+                "mlc-6-0",
+                2,
+            ),
         };
+        assert!(spec.share.is_some());
         assert_eq!(LaunchSpec::decode(&spec.encode()).unwrap(), spec);
         // A spec of an older plugin (only prefix and command) still runs.
         let old = LaunchSpec::decode("prefix = [\"/x\"]\ncommand = \"y\"").unwrap();
