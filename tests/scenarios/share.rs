@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use crate::harness::{images, mpi_image, wait_for, Cluster, Options, Slurm};
+use crate::harness::{images, mpi_image, sqfs_image, wait_for, Cluster, Options, Slurm};
 
 crate::on_apptainer_slurms!(the_tasks_of_a_node_share_one_container_and_leave_nothing);
 
@@ -177,7 +177,16 @@ fn the_tasks_of_a_node_share_one_container_and_leave_nothing(slurm: Slurm) {
 }
 
 fn short_tasks_pass_twenty_times_with_their_exit_codes() {
-    let c = cluster(Slurm::V24_11);
+    let img = images(&["a1"]);
+    let c = Cluster::start_with(
+        Slurm::V24_11,
+        Options::default()
+            .copy(&img["a1"], "/opt/containers/ml-frameworks/alpha.sif")
+            .copy(
+                &sqfs_image("bare"),
+                "/opt/containers/ml-frameworks/bare.sqfs",
+            ),
+    );
     // Task 0 exits at once, the others later, each with its own code.
     let staggered = "[ $SLURM_LOCALID = 0 ] && exit 0; sleep 0.$SLURM_LOCALID; \
                      exit $((SLURM_LOCALID + 4))";
@@ -202,6 +211,31 @@ fn short_tasks_pass_twenty_times_with_their_exit_codes() {
         "{log}"
     );
     assert!(!log.contains("did not start"), "{log}");
+    assert_nothing_left(&c);
+
+    // An image Apptainer did not build has no /.singularity.d/actions/start
+    // for `instance start`: each task runs in a container of its own, and
+    // the slurmd log says why.
+    let r = c.srun(&[
+        "-w",
+        "n1",
+        "-N1",
+        "-n2",
+        "--ml-container=bare",
+        "sh",
+        "-c",
+        "echo $(cat /MARKER) $RANK",
+    ]);
+    let mut lines: Vec<&str> = r.assert_ok().stdout.lines().collect();
+    lines.sort();
+    assert_eq!(lines, ["bare 0", "bare 1"], "{r}");
+    let log = c.slurmd_log(1);
+    assert!(
+        log.lines().any(|l| l.contains("did not start")
+            && l.contains("actions/start")
+            && l.contains("ran one container each")),
+        "{log}"
+    );
     assert_nothing_left(&c);
 }
 
@@ -364,35 +398,8 @@ fn concurrent_steps_and_jobs_get_containers_of_their_own() {
     assert_nothing_left(&c);
 }
 
-/// Rank 0 sends rank 1 eight messages of each size; the best of five
-/// timings per size, in MB/s, as `MBps SIZE RATE` lines.
-const BANDWIDTH: &str = "
-from mpi4py import MPI
-import time
-c = MPI.COMM_WORLD
-r = c.Get_rank()
-ack = bytearray(1)
-for n in [256 << 10, 1 << 20, 4 << 20, 64 << 20]:
-  b = bytearray(n)
-  best = 0.0
-  for rep in range(6):
-    c.Barrier()
-    t = time.perf_counter()
-    for i in range(8):
-        if r == 0:
-            c.Send([b, MPI.BYTE], dest=1)
-        else:
-            c.Recv([b, MPI.BYTE], source=0)
-    if r == 0:
-        c.Recv([ack, MPI.BYTE], source=1)
-    else:
-        c.Send([ack, MPI.BYTE], dest=0)
-    dt = time.perf_counter() - t
-    if rep > 0:
-        best = max(best, 8 * n / dt / 1e6)
-  if r == 0:
-    print('MBps', n, round(best))
-";
+/// Rank 0 sends rank 1 messages of 256 KiB to 64 MiB (`MBps SIZE RATE`).
+const BANDWIDTH: &str = include_str!("../../benches/mpi_bandwidth.py");
 
 /// `(message bytes, MB/s)` between two ranks on n1.
 fn bandwidth(c: &Cluster, env: &[(&str, &str)]) -> Vec<(u64, u64)> {
