@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 
 { read -r inc; read -r root; } < <(bash tests/cluster/include-24.11.sh)
 SLURM_INCLUDE_DIR=$inc cargo build --quiet --release --lib --target-dir target/cluster/24.11-release
+cargo build --quiet --release --bin ml-container-launch
 base=$(bash tests/cluster/pytorch-base.sh)
 # The image the tests build (ml-container build pytorch-debian), cached.
 sif=$(ls -t /var/cache/slurm-ml-container/pytorch-sif-*/pytorch.sif 2>/dev/null | head -n 1 || true)
@@ -25,7 +26,10 @@ fi
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 chmod 0755 "$stage"
-mkdir -p "$stage/etc/slurm/plugstack.conf.d" "$stage/usr/local/bin" "$stage/opt/containers/.registry"
+mkdir -p "$stage/etc/slurm/plugstack.conf.d" "$stage/usr/local/bin" "$stage/opt/containers/.registry" \
+    "$stage/usr/libexec/slurm-ml-container"
+# Every containerized task runs under the launcher.
+install -m 0755 target/release/ml-container-launch "$stage/usr/libexec/slurm-ml-container/"
 cp plugstack/ml-container.conf "$stage/etc/slurm/plugstack.conf.d/"
 printf '%s\n' "$base /bases/pytorch" "$(dirname "$sif") /opt/containers/ml-frameworks/pt" >"$stage/.binds"
 printf 'version = 1\n[[image]]\nname = "pytorch"\ntag = "bench"\npath = "ml-frameworks/pt/pytorch.sif"\n' \

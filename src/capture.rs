@@ -147,25 +147,48 @@ impl StepDir {
     }
 }
 
-/// Removes the directory `name` in the open `base` and the files in it,
-/// never following a link (unlinkat). A subdirectory the user made keeps
-/// it (and is left for the next step of the same name to find, or tmpfs's
-/// end at reboot).
+/// Removes the directory `name` in the open `base` and everything in it,
+/// never following a link: each subdirectory is opened through its
+/// parent's descriptor with O_NOFOLLOW, each entry unlinked with unlinkat.
+/// Bounded: at most [`REMOVE_DEPTH`] levels and [`REMOVE_ENTRIES`] entries
+/// (the shared container's records are five levels deep: src/share.rs);
+/// what is left beyond that stays for the next step of the same name, or
+/// tmpfs's end at reboot.
 fn remove_in(base: &File, name: &str) {
+    let mut budget = REMOVE_ENTRIES;
+    remove_tree(base, name, 0, &mut budget);
+}
+
+const REMOVE_DEPTH: u32 = 8;
+const REMOVE_ENTRIES: u32 = 10_000;
+
+fn remove_tree(base: &File, name: &str, depth: u32, budget: &mut u32) {
     let Ok(d) = open_dir(&at(base, name)) else {
-        // Not there, or a symlink or file the user cannot have made (the
-        // parent is root's): unlink whatever it is.
+        // Not there, or a symlink or file: unlink whatever it is.
         let _ = unlinkat(Some(base.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir);
         return;
     };
     if let Ok(entries) = fs::read_dir(at(&d, "")) {
         for e in entries.flatten() {
+            if *budget == 0 {
+                return;
+            }
+            *budget -= 1;
             let n = e.file_name();
-            let _ = unlinkat(
-                Some(d.as_raw_fd()),
-                n.as_os_str(),
-                UnlinkatFlags::NoRemoveDir,
-            );
+            // d_type, never a stat that follows a link.
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            match n.to_str() {
+                Some(sub) if is_dir && depth < REMOVE_DEPTH => {
+                    remove_tree(&d, sub, depth + 1, budget)
+                }
+                _ => {
+                    let _ = unlinkat(
+                        Some(d.as_raw_fd()),
+                        n.as_os_str(),
+                        UnlinkatFlags::NoRemoveDir,
+                    );
+                }
+            }
         }
     }
     let _ = unlinkat(Some(base.as_raw_fd()), name, UnlinkatFlags::RemoveDir);
@@ -322,8 +345,8 @@ mod tests {
     /// As root (the tests run as root, as slurmstepd does).
     #[test]
     fn root_reads_only_the_users_regular_files_and_removes_the_dir() {
-        let base = std::env::temp_dir().join(format!("mlc-capture-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&base);
+        let t = tempfile::tempdir().unwrap();
+        let base = t.path().join("base");
         let d = StepDir::create(&base, "7.0.n1", 1500, 1600).unwrap();
         let m = fs::symlink_metadata(&d.path).unwrap();
         assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1500, 1600, 0o700));
@@ -340,11 +363,22 @@ mod tests {
         std::os::unix::fs::chown(d.path.join("stderr.4"), Some(1500), None).unwrap();
         assert!(d.read("stderr.4", 100).is_none());
         assert!(d.read("../x", 100).is_none());
+        // What Apptainer leaves (the shared container's records) goes
+        // too, and a link out of the directory is removed, not followed.
+        let outside = base.join("outside");
+        fs::create_dir_all(outside.join("keep")).unwrap();
+        fs::write(outside.join("keep/file"), b"x").unwrap();
+        let deep = d.path.join("apptainer/instances/app/n1/mluser/mlc-7-0");
+        fs::create_dir_all(&deep).unwrap();
+        fs::write(deep.join("mlc-7-0.json"), b"{}").unwrap();
+        std::os::unix::fs::symlink(&outside, d.path.join("apptainer/link")).unwrap();
+        std::os::unix::fs::symlink(&outside, deep.join("link")).unwrap();
         // Made again over a leftover: empty.
         let again = StepDir::create(&base, "7.0.n1", 1500, 1600).unwrap();
         assert_eq!(fs::read_dir(&again.path).unwrap().count(), 0);
         again.remove();
         assert!(!again.path.exists());
-        fs::remove_dir_all(&base).unwrap();
+        assert!(outside.join("keep/file").exists(), "a link was followed");
+        fs::remove_dir_all(&outside).unwrap();
     }
 }

@@ -31,6 +31,7 @@ pub mod recipe;
 pub mod registry;
 pub mod report;
 pub mod secure;
+pub mod share;
 pub mod sif;
 #[allow(unsafe_code)]
 pub mod spank;

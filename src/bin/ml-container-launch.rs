@@ -50,6 +50,7 @@ use slurm_ml_container::launch::{
     command_alternatives, failure_notice, missing_command_hint, Ended, LaunchSpec, StderrCapture,
     LAUNCH_ENV,
 };
+use slurm_ml_container::share::{self, ShareError};
 
 /// Signals passed on to the runtime when someone other than slurmstepd
 /// sends them to this process. SIGCHLD is waited for, not passed on.
@@ -91,10 +92,37 @@ fn main() -> ExitCode {
         }
     };
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let (ended, mask, tail) = match run(&spec, &args) {
+    // In the step's shared container when the plugin asked for one and it
+    // is (or can be made) up; otherwise in a container of our own.
+    let joined = spec
+        .share
+        .as_ref()
+        .and_then(|s| match share::join(s, Some(&held_signals())) {
+            Ok(exec) => Some((exec, s.config_dir())),
+            Err(e) => {
+                // A start that failed is in the state file, for root's log;
+                // anything else only we can tell.
+                if matches!(e, ShareError::Io { .. } | ShareError::Locked { .. }) {
+                    let _ = writeln!(std::io::stderr(), "ml-container: {e}");
+                }
+                None
+            }
+        });
+    let (prefix, config_dir) = match &joined {
+        Some((exec, dir)) => (exec.as_slice(), Some(dir.as_path())),
+        None => (spec.prefix.as_slice(), None),
+    };
+    let outcome = run(&spec, prefix, config_dir, &args);
+    // Counted whether it joined or not: the node's last task stops it.
+    if let Some(s) = &spec.share {
+        if let Err(e) = share::leave(s) {
+            let _ = writeln!(std::io::stderr(), "ml-container: {e}");
+        }
+    }
+    let (ended, mask, tail) = match outcome {
         Ok(e) => e,
         Err(e) => {
-            eprintln!("ml-container-launch: cannot run {}: {e}", spec.prefix[0]);
+            eprintln!("ml-container-launch: cannot run {}: {e}", prefix[0]);
             return ExitCode::from(127);
         }
     };
@@ -176,12 +204,13 @@ fn copy_chunk(pipe: &mut ChildStderr, tail: &mut Tail, buf: &mut [u8]) -> bool {
 
 /// Runs the runtime and waits for it, passing on the signals that did not
 /// already reach it, and copying its stderr when asked to.
-fn run(spec: &LaunchSpec, args: &[OsString]) -> std::io::Result<(Ended, SigSet, Option<Tail>)> {
-    let mut mask = SigSet::empty();
-    for s in FORWARDED {
-        mask.add(s);
-    }
-    mask.add(Signal::SIGCHLD);
+fn run(
+    spec: &LaunchSpec,
+    prefix: &[String],
+    config_dir: Option<&std::path::Path>,
+    args: &[OsString],
+) -> std::io::Result<(Ended, SigSet, Option<Tail>)> {
+    let mask = held_signals();
     let capture = spec
         .capture
         .as_ref()
@@ -191,11 +220,14 @@ fn run(spec: &LaunchSpec, args: &[OsString]) -> std::io::Result<(Ended, SigSet, 
     // signal in the few microseconds between the two gets its default
     // action here, as it would have without us; a SIGCHLD then is not
     // lost, as the loop asks for the child's status before waiting.
-    let mut cmd = Command::new(&spec.prefix[0]);
-    cmd.args(&spec.prefix[1..])
+    let mut cmd = Command::new(&prefix[0]);
+    cmd.args(&prefix[1..])
         .arg(&spec.command)
         .args(args)
         .env_remove(LAUNCH_ENV);
+    if let Some(d) = config_dir {
+        cmd.env(share::CONFIGDIR_ENV, d);
+    }
     if capture.is_some() {
         cmd.stderr(Stdio::piped());
     }
@@ -262,6 +294,17 @@ fn run(spec: &LaunchSpec, args: &[OsString]) -> std::io::Result<(Ended, SigSet, 
             let _ = kill(child_pid, sig);
         }
     }
+}
+
+/// The signals this process takes through its signalfd while a child of
+/// its own runs (and holds while the shared container starts).
+fn held_signals() -> SigSet {
+    let mut mask = SigSet::empty();
+    for s in FORWARDED {
+        mask.add(s);
+    }
+    mask.add(Signal::SIGCHLD);
+    mask
 }
 
 fn ended(status: ExitStatus) -> Ended {

@@ -87,6 +87,10 @@ pub struct RuntimeConfig {
     /// INFO lines (such as "gocryptfs not found") on every task's stderr;
     /// warnings and errors still show.
     pub quiet: bool,
+    /// One container per node per step: the step's tasks on a node run in
+    /// one Apptainer instance (one user and mount namespace, one image
+    /// mount) instead of one container each (src/share.rs).
+    pub share_namespaces: bool,
     /// The small program every containerized task runs under
     /// (src/bin/ml-container-launch.rs).
     pub launcher: AbsPath,
@@ -110,6 +114,7 @@ impl Default for RuntimeConfig {
                 .to_vec(),
             extra_args: Vec::new(),
             quiet: true,
+            share_namespaces: true,
             launcher: AbsPath(PathBuf::from(DEFAULT_LAUNCHER)),
         }
     }

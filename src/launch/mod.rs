@@ -254,11 +254,7 @@ impl Plan {
                 }
                 for b in &self.binds {
                     argv.push("--bind".into());
-                    argv.push(if b.read_only {
-                        format!("{}:{}:ro", s(&b.src), s(&b.dst))
-                    } else {
-                        format!("{}:{}", s(&b.src), s(&b.dst))
-                    });
+                    argv.push(bind_arg(b, true));
                 }
                 if let Some(w) = &self.workdir {
                     argv.push("--pwd".into());
@@ -270,7 +266,7 @@ impl Plan {
             RuntimeKind::Charliecloud => {
                 for b in &self.binds {
                     argv.push("-b".into());
-                    argv.push(format!("{}:{}", s(&b.src), s(&b.dst)));
+                    argv.push(bind_arg(b, false));
                 }
                 if let Some(w) = &self.workdir {
                     argv.push("-c".into());
@@ -285,6 +281,18 @@ impl Plan {
             }
         }
         argv
+    }
+}
+
+/// One bind as the runtime takes it: `SRC:DST`, and `:ro` where the
+/// runtime has it (Apptainer, Singularity; Charliecloud binds read-only
+/// anyway).
+pub fn bind_arg(b: &Mount, with_ro: bool) -> String {
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    if b.read_only && with_ro {
+        format!("{}:{}:ro", s(&b.src), s(&b.dst))
+    } else {
+        format!("{}:{}", s(&b.src), s(&b.dst))
     }
 }
 

@@ -32,6 +32,9 @@ pub struct LaunchSpec {
     /// Keep the tail of the task's stderr for its failure report.
     #[serde(default)]
     pub capture: Option<StderrCapture>,
+    /// Run in the step's shared container (`runtime.share_namespaces`).
+    #[serde(default)]
+    pub share: Option<crate::share::Share>,
 }
 
 /// Where and how much of a task's stderr the launcher keeps: it copies
@@ -175,7 +178,24 @@ mod tests {
                 file: "/run/slurm-ml-container/6.0.n1/stderr.1".into(),
                 bytes: 65536,
             }),
+            share: crate::share::Share::for_plan(
+                &crate::launch::Plan {
+                    kind: crate::config::RuntimeKind::Apptainer,
+                    runtime: "/usr/bin/apptainer".into(),
+                    image: "/img.sif".into(),
+                    nv: false,
+                    binds: Vec::new(),
+                    workdir: None,
+                    writable_tmpfs: false,
+                    extra_args: Vec::new(),
+                    quiet: true,
+                },
+                std::path::Path::new("/run/slurm-ml-container/6.0.n1"),
+                "mlc-6-0",
+                2,
+            ),
         };
+        assert!(spec.share.is_some());
         assert_eq!(LaunchSpec::decode(&spec.encode()).unwrap(), spec);
         // A spec of an older plugin (only prefix and command) still runs.
         let old = LaunchSpec::decode("prefix = [\"/x\"]\ncommand = \"y\"").unwrap();

@@ -174,6 +174,17 @@ pub fn task_exit(host: &mut dyn Host) -> Result<(), PluginError> {
         }
     }
     if let Some(d) = step_dir.take() {
+        // Before the directory goes: the shared container's records are
+        // in it (src/share.rs).
+        let gid = host.job_ids().map_or(d.uid, |(_, g)| g);
+        if let Some((level, line)) = crate::share::finish(
+            &d,
+            &plan.runtime,
+            &crate::share::instance_name(job, step),
+            gid,
+        ) {
+            log::log!(level, "{line}");
+        }
         d.remove();
     }
     Ok(())

@@ -366,12 +366,35 @@ pub fn task_init(host: &mut dyn Host) -> Result<(), PluginError> {
     let resolved = task_argv.first().cloned().unwrap_or_default();
     let typed = launch::typed_command(&recorded_srun_argv(host), &task_argv);
     let bare = launch::container_argv0(typed.as_deref(), &resolved);
-    log::info!(
-        "task {}: runtime command: {} {}",
-        host.getenv("SLURM_PROCID").unwrap_or_default(),
-        plan.prefix().join(" "),
-        bare.as_deref().unwrap_or(&resolved)
-    );
+    let job = host.job_id().unwrap_or(0);
+    let step = host.step_id().unwrap_or(0);
+    let share = st
+        .step_dir
+        .as_ref()
+        .filter(|_| config.runtime.share_namespaces)
+        .and_then(|d| {
+            crate::share::Share::for_plan(
+                &plan,
+                &d.path,
+                &crate::share::instance_name(job, step),
+                host.local_task_count().unwrap_or(1),
+            )
+        });
+    match &share {
+        None => log::info!(
+            "task {}: runtime command: {} {}",
+            host.getenv("SLURM_PROCID").unwrap_or_default(),
+            plan.prefix().join(" "),
+            bare.as_deref().unwrap_or(&resolved)
+        ),
+        Some(s) => log::info!(
+            "task {}: runtime command: {} {} (in the step's shared container, started as: {})",
+            host.getenv("SLURM_PROCID").unwrap_or_default(),
+            s.exec.join(" "),
+            bare.as_deref().unwrap_or(&resolved),
+            s.start.join(" ")
+        ),
+    }
     // argv[0] becomes the launcher, which reads the prefix and the command
     // from the environment and runs them (TaskProlog, TMPDIR, rlimits and
     // cgroups are already in place: nothing is exec'd from task_init
@@ -393,13 +416,14 @@ pub fn task_init(host: &mut dyn Host) -> Result<(), PluginError> {
         command: bare.unwrap_or(resolved),
         can_probe: matches!(plan.kind, RuntimeKind::Apptainer | RuntimeKind::Singularity),
         task: Some(launch::TaskLabel {
-            job: host.job_id().unwrap_or(0),
-            step: host.step_id().unwrap_or(0),
+            job,
+            step,
             rank: host.task_global_id().unwrap_or(0),
             node: hostname(),
             image: pin.display_name(),
         }),
         capture,
+        share,
     };
     host.set_job_env(launch::LAUNCH_ENV, &spec.encode())?;
     host.set_argv0(&launcher.to_string_lossy())?;

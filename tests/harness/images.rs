@@ -17,7 +17,7 @@ use super::{scratch_dir, Cluster, Options, Slurm};
 pub fn mpi_image() -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
     let _g = LOCK.lock().unwrap_or_else(PoisonError::into_inner);
-    let image = target_dir().join("images-v2").join("mpi.sqfs");
+    let image = target_dir().join("images-v2").join("mpi-v2.sqfs");
     if image.exists() {
         return image;
     }
@@ -38,6 +38,17 @@ pub fn mpi_image() -> PathBuf {
             "-quiet",
             "-no-progress",
             "-all-root",
+            // Apptainer's instance start runs the image's
+            // /.singularity.d/actions/start, which every image Apptainer
+            // builds has and a bare tree lacks: without it the step's
+            // tasks cannot share a container (src/share.rs).
+            "-p",
+            "/.singularity.d d 755 0 0",
+            "-p",
+            "/.singularity.d/actions d 755 0 0",
+            "-p",
+            "/.singularity.d/actions/start f 755 0 0 printf '#!/bin/sh\\nexit 0\\n'",
+            // Last: -e takes every argument after it.
             "-e",
             ".complete",
         ])

@@ -15,6 +15,7 @@ pub mod rough_edges;
 pub mod scale;
 pub mod security;
 pub mod security_outputs;
+pub mod share;
 
 /// Instantiates scenarios for every supported Slurm release.
 #[macro_export]
