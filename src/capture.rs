@@ -1,4 +1,4 @@
-//! What a failed task said, for its report (issue 14): the tail of its
+//! What a failed task said, for its report: the tail of its
 //! stderr, kept by `ml-container-launch`, and TorchElastic's structured
 //! error file (`TORCHELASTIC_ERROR_FILE`, written by torch's `@record`).
 //!

@@ -1,4 +1,4 @@
-//! The registry catalog, `<root>/.registry/catalog.toml` (SPEC "Registry").
+//! The registry catalog, `<root>/.registry/catalog.toml`; README "Images: the registry".
 //!
 //! Strict on purpose: the catalog decides which file a job runs, so a typo
 //! must be an error naming the file, the line and the entry, never a silent

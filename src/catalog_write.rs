@@ -1,5 +1,5 @@
-//! Writing the catalog (SPEC: "Writers (the CLI) replace the catalog
-//! atomically under a lock: a reader never sees half a file").
+//! Writing the catalog (the CLI replaces the catalog
+//! atomically under a lock: a reader never sees half a file).
 //!
 //! Every change takes an exclusive lock on `.registry/catalog.lock`,
 //! re-reads the catalog, applies the change, renders it, checks the result

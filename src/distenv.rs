@@ -1,4 +1,4 @@
-//! The distributed-training environment (SPEC "Distributed environment").
+//! The distributed-training environment (README "The distributed environment").
 //!
 //! PyTorch's `env://` rendezvous, torchrun and Lightning read MASTER_ADDR,
 //! MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK, LOCAL_WORLD_SIZE and NODE_RANK.

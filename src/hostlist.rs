@@ -1,6 +1,6 @@
 //! Slurm hostlist expressions (`n[01-04,7],login1`), expanded exactly as
 //! `scontrol show hostnames` of the Slurm release this crate is built for
-//! does (SPEC: `MASTER_ADDR` is the first host of the step's node list).
+//! does (`MASTER_ADDR` is the first host of the step's node list).
 //!
 //! The rules differ between releases, so they are a value, [`Rules`]: one
 //! per supported release, and [`Rules::BUILD`] (the default of every free
@@ -617,7 +617,7 @@ impl<'a> Hostlist<'a> {
     }
 }
 
-/// The first host of `list` (SPEC: `MASTER_ADDR`) under [`Rules::BUILD`],
+/// The first host of `list` (`MASTER_ADDR`) under [`Rules::BUILD`],
 /// in time linear in the length of the text even when the list has
 /// billions of hosts. The whole list is validated: Slurm refuses a list if
 /// any part of it is bad.

@@ -1,4 +1,4 @@
-//! The user options of SPEC "User options": their table (names, argument
+//! The user options (README "User options (srun, salloc, sbatch)"): their table (names, argument
 //! names, help text) and the validation of their values.
 //!
 //! Validation is the same code in every context. In srun, sbatch and salloc a
@@ -51,7 +51,7 @@ pub struct OptionSpec {
 pub const GPU_CHOICES: &[&str] = &["auto", "on", "off"];
 pub const DIST_CHOICES: &[&str] = &["on", "off"];
 
-/// Every option of SPEC "User options", in `srun --help` order.
+/// Every user option, in `srun --help` order.
 pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec {
         id: OptionId::Image,

@@ -1,4 +1,4 @@
-//! The site configuration, `/etc/slurm/ml-container.toml` (SPEC "Site config").
+//! The site configuration, `/etc/slurm/ml-container.toml`.
 //!
 //! Sources, in order of precedence (one documented source per setting:
 //! docs/DESIGN.md, Decisions): built-in defaults, then the file, then `key=value` arguments on

@@ -187,6 +187,17 @@ pub fn step_has_gpus(get: &dyn Fn(&str) -> Option<String>) -> bool {
     .any(|k| get(k).is_some_and(|v| !v.trim().is_empty() && v.trim() != "NoDevFiles"))
 }
 
+/// Whether the step has or asked for GPUs: given ([`step_has_gpus`]) or
+/// requested with srun's GPU options (`--gpus*`, `--tres-per-task=gres/gpu`),
+/// which a report checks against what the job saw.
+pub fn gpus_requested(get: &dyn Fn(&str) -> Option<String>) -> bool {
+    step_has_gpus(get)
+        || ["SLURM_GPUS", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK"]
+            .iter()
+            .any(|k| get(k).is_some())
+        || get("SLURM_TRES_PER_TASK").is_some_and(|v| v.contains("gpu"))
+}
+
 /// What an MPI program in the image needs from Slurm's PMIx server
 /// (`srun --mpi=pmix`): its temporary directory (shared
 /// memory segments, sockets) and, when PMIx authenticates with munge, the

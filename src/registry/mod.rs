@@ -1,4 +1,4 @@
-//! Image resolution: what `--ml-container=IMAGE` means (SPEC "Registry").
+//! Image resolution: what `--ml-container=IMAGE` means; README "Images: the registry".
 //!
 //! In order: an absolute path (only inside the allowed directories, checked
 //! after canonicalisation so `..` and symlinks cannot escape); `name:tag`

@@ -153,11 +153,7 @@ impl Report {
             ),
             dist_enabled: dist,
             dist_error,
-            gpus_requested: launch::step_has_gpus(get)
-                || ["SLURM_GPUS", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK"]
-                    .iter()
-                    .any(|k| get(k).is_some())
-                || get("SLURM_TRES_PER_TASK").is_some_and(|v| v.contains("gpu")),
+            gpus_requested: launch::gpus_requested(get),
             // From the fstat of the fd that was verified: no path lookup as root.
             image_readable_by_others: pin.mode.is_some_and(|m| m & 0o004 != 0),
             missing_bind_sources,

@@ -21,7 +21,7 @@ pub fn init() {
 /// The message as a C string, one line: messages carry job strings (image
 /// names, paths, option values), so every control character is escaped
 /// (a NUL, which C would truncate at, included) and the line is capped
-/// (issue 10: a newline from the job never forges a log line).
+/// (a newline from the job never forges a log line).
 fn line(msg: &str) -> CString {
     let text = crate::jobtext::escape(&format!("ml-container: {msg}"), crate::jobtext::LINE_CAP);
     CString::new(text).unwrap_or_default()

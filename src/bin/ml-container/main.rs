@@ -1,4 +1,4 @@
-//! `ml-container`: the admin CLI (SPEC "Admin CLI"). Exit codes: 0 ok,
+//! `ml-container`: the admin CLI (README "Admin CLI: `ml-container`"). Exit codes: 0 ok,
 //! 1 problem found, 2 usage.
 #![forbid(unsafe_code)]
 
