@@ -17,13 +17,14 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions, TryLockError};
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::catalog::{self, Catalog, CatalogError, Image};
+use crate::secure;
 
 #[derive(Debug)]
 pub enum WriteError {
@@ -208,15 +209,7 @@ pub fn lock_within(root: &Path, timeout: Duration) -> Result<Locked, WriteError>
     let dir = root.join(".registry");
     fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let lock_path = dir.join("catalog.lock");
-    let lock = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(&lock_path)
-        .map_err(io_err(&lock_path))?;
+    let lock = secure::open_lock_file(&lock_path).map_err(io_err(&lock_path))?;
     let meta = lock.metadata().map_err(io_err(&lock_path))?;
     let me = nix::unistd::geteuid().as_raw();
     if !meta.is_file() || meta.uid() != me {
@@ -235,33 +228,26 @@ pub fn lock_within(root: &Path, timeout: Duration) -> Result<Locked, WriteError>
             .map_err(io_err(&lock_path))?;
     }
     let started = Instant::now();
-    loop {
-        match lock.try_lock() {
-            Ok(()) => break,
-            Err(TryLockError::WouldBlock) if started.elapsed() < timeout => {
-                // Short: writers hold the lock for milliseconds, and a
-                // long nap lets newer writers overtake this one.
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(TryLockError::WouldBlock) => {
-                let procs = fs::read_to_string("/proc/locks").unwrap_or_default();
-                let holders = lock_holders(&procs, meta.dev(), meta.ino());
-                return Err(WriteError::Busy {
-                    path: lock_path,
-                    waited: started.elapsed(),
-                    holders: if holders.is_empty() {
-                        "another process (not found in /proc/locks)".to_string()
-                    } else {
-                        holders
-                            .iter()
-                            .map(|&pid| describe_pid(pid))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    },
-                });
-            }
-            Err(TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
-        }
+    // Short naps: writers hold the lock for milliseconds, and a long nap
+    // lets newer writers overtake this one.
+    let taken = secure::lock_within(&lock, timeout, Duration::from_millis(10))
+        .map_err(io_err(&lock_path))?;
+    if !taken {
+        let procs = fs::read_to_string("/proc/locks").unwrap_or_default();
+        let holders = lock_holders(&procs, meta.dev(), meta.ino());
+        return Err(WriteError::Busy {
+            path: lock_path,
+            waited: started.elapsed(),
+            holders: if holders.is_empty() {
+                "another process (not found in /proc/locks)".to_string()
+            } else {
+                holders
+                    .iter()
+                    .map(|&pid| describe_pid(pid))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        });
     }
     let path = root.join(catalog::CATALOG_PATH);
     let catalog = match fs::read_to_string(&path) {

@@ -209,15 +209,7 @@ impl Cache {
 
     fn open_lock(&self, sha: &str) -> Result<File, CacheError> {
         let path = self.locks().join(format!("{sha}.lock"));
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(io_at(&path))?;
+        let f = secure::open_lock_file(&path).map_err(io_at(&path))?;
         let m = f.metadata().map_err(io_at(&path))?;
         if !m.is_file() || m.uid() != 0 || m.mode() & 0o077 != 0 {
             return Err(CacheError::Untrusted {

@@ -24,9 +24,9 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nix::fcntl::{renameat, Flock, FlockArg};
+use nix::fcntl::renameat;
 use nix::sys::stat::{mkdirat, Mode};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 use serde::{Deserialize, Serialize};
@@ -409,30 +409,12 @@ pub fn record(dir: &Path, sample: &StepSample) -> Result<State, PromError> {
         });
     }
     let lock_path = sd_path.join(LOCK_FILE);
-    let lock_file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(at(&sd, LOCK_FILE))
-        .map_err(io_at(&lock_path))?;
-    let deadline = Instant::now() + LOCK_WAIT;
-    let mut file = lock_file;
-    let _lock = loop {
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(l) => break l,
-            Err((f, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
-                file = f;
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                return Err(PromError::Locked { path: lock_path })
-            }
-            Err((_, e)) => return Err(io_at(&lock_path)(e.into())),
-        }
-    };
+    let lock = crate::secure::open_lock_file(&at(&sd, LOCK_FILE)).map_err(io_at(&lock_path))?;
+    match crate::secure::lock_within(&lock, LOCK_WAIT, Duration::from_millis(10)) {
+        Ok(true) => {}
+        Ok(false) => return Err(PromError::Locked { path: lock_path }),
+        Err(e) => return Err(io_at(&lock_path)(e)),
+    }
     let mut state = read_state(&sd).unwrap_or_default();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -297,9 +297,77 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Opens `path` as a lock file: created 0600 when absent, never through a
+/// symlink, never blocking on a FIFO someone put there. Owner and mode
+/// checks are the caller's (who may hold it differs: root, the user).
+pub fn open_lock_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Takes `file`'s exclusive lock (flock(2), released when the file is
+/// closed) within `timeout`, trying every `nap`: `Ok(true)` when taken,
+/// `Ok(false)` when another holder kept it that long. Every lock the crate
+/// waits for goes through here, so every such wait is bounded.
+pub fn lock_within(
+    file: &File,
+    timeout: std::time::Duration,
+    nap: std::time::Duration,
+) -> io::Result<bool> {
+    let started = std::time::Instant::now();
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(true),
+            Err(fs::TryLockError::WouldBlock) if started.elapsed() < timeout => {
+                std::thread::sleep(nap)
+            }
+            Err(fs::TryLockError::WouldBlock) => return Ok(false),
+            Err(fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_held_lock_is_waited_for_within_the_timeout_only() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("x.lock");
+        let holder = open_lock_file(&p).unwrap();
+        assert!(lock_within(&holder, Duration::ZERO, Duration::ZERO).unwrap());
+        let other = open_lock_file(&p).unwrap();
+        let began = std::time::Instant::now();
+        let taken = lock_within(
+            &other,
+            Duration::from_millis(200),
+            Duration::from_millis(10),
+        )
+        .unwrap();
+        assert!(!taken);
+        assert!(began.elapsed() >= Duration::from_millis(200));
+        assert!(began.elapsed() < Duration::from_secs(5));
+        drop(holder);
+        assert!(lock_within(&other, Duration::from_secs(1), Duration::from_millis(10)).unwrap());
+        // A FIFO planted at the name neither blocks nor is taken as a lock.
+        std::fs::remove_file(&p).unwrap();
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let f = open_lock_file(&p).unwrap();
+        assert!(!f.metadata().unwrap().is_file());
+        // A symlink is not followed.
+        let q = t.path().join("y.lock");
+        std::os::unix::fs::symlink(t.path().join("target"), &q).unwrap();
+        assert!(open_lock_file(&q).is_err());
+        assert!(!t.path().join("target").exists());
+    }
 
     #[test]
     fn owner_and_mode_rules() {

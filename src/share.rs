@@ -44,7 +44,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow};
 use serde::{Deserialize, Serialize};
 
@@ -232,7 +231,8 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> ShareError + '_ {
 
 /// The lock, held until dropped, and the state read under it.
 struct Locked {
-    _lock: Flock<File>,
+    /// Holds the flock until dropped.
+    _lock: File,
     state_path: PathBuf,
     state: State,
 }
@@ -240,30 +240,12 @@ struct Locked {
 impl Locked {
     fn take(share: &Share) -> Result<Locked, ShareError> {
         let path = share.dir.join(LOCK_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&path)
-            .map_err(io_at(&path))?;
-        let deadline = Instant::now() + START_LIMIT;
-        let mut file = file;
-        let lock = loop {
-            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(l) => break l,
-                Err((f, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
-                    file = f;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                    return Err(ShareError::Locked { path })
-                }
-                Err((_, e)) => return Err(io_at(&path)(e.into())),
-            }
-        };
+        let lock = crate::secure::open_lock_file(&path).map_err(io_at(&path))?;
+        match crate::secure::lock_within(&lock, START_LIMIT, Duration::from_millis(5)) {
+            Ok(true) => {}
+            Ok(false) => return Err(ShareError::Locked { path }),
+            Err(e) => return Err(io_at(&path)(e)),
+        }
         let state_path = share.dir.join(STATE_FILE);
         let state = match std::fs::read(&state_path) {
             Ok(b) => State::parse(&b).unwrap_or_default(),
