@@ -191,9 +191,18 @@ fn short_tasks_pass_twenty_times_with_their_exit_codes() {
     let staggered = "[ $SLURM_LOCALID = 0 ] && exit 0; sleep 0.$SLURM_LOCALID; \
                      exit $((SLURM_LOCALID + 4))";
     for i in 0..20 {
-        let r = c.srun(&["-N1", "-n3", "--ml-container=alpha", "true"]);
+        let r = c.srun(&["-w", "n1", "-N1", "-n3", "--ml-container=alpha", "true"]);
         assert!(r.ok(), "round {i}: {r}");
-        let r = c.srun(&["-N1", "-n3", "--ml-container=alpha", "sh", "-c", staggered]);
+        let r = c.srun(&[
+            "-w",
+            "n1",
+            "-N1",
+            "-n3",
+            "--ml-container=alpha",
+            "sh",
+            "-c",
+            staggered,
+        ]);
         assert_eq!(r.code, Some(6), "round {i}: {r}");
         for (task, code) in [(1, 5), (2, 6)] {
             assert!(
@@ -440,28 +449,42 @@ fn mpi_ranks_of_a_node_use_cma_and_beat_the_copying_path() {
     );
     // Shared: the ranks are in one user namespace, so Open MPI's
     // single-copy path, cross-memory attach, works; smsc=cma asks for it
-    // and nothing else.
-    let shared = bandwidth(&c, &[("OMPI_MCA_smsc", "cma")]);
+    // and nothing else. One container per rank: CMA across user
+    // namespaces fails, so Open MPI must be told to copy through a
+    // shared-memory segment instead. Two rounds of both, alternating, and
+    // the best of each: on 2 shared cores one round can lose a core to
+    // something else for a moment.
+    let per_task = "[runtime]\nshare_namespaces = false\n";
+    let mut shared: Vec<(u64, u64)> = Vec::new();
+    let mut copying: Vec<(u64, u64)> = Vec::new();
+    let best = |acc: &mut Vec<(u64, u64)>, new: Vec<(u64, u64)>| {
+        if acc.is_empty() {
+            *acc = new;
+        } else {
+            for (a, n) in acc.iter_mut().zip(new) {
+                a.1 = a.1.max(n.1);
+            }
+        }
+    };
+    for _ in 0..2 {
+        c.remove(CONFIG);
+        best(&mut shared, bandwidth(&c, &[("OMPI_MCA_smsc", "cma")]));
+        c.write(CONFIG, per_task, 0o644);
+        best(&mut copying, bandwidth(&c, &[("OMPI_MCA_smsc", "^cma")]));
+    }
     let log = c.slurmd_log(1);
     assert!(log.contains("2 task(s) ran in one container"), "{log}");
-    // One container per rank: CMA across user namespaces fails, so Open
-    // MPI must be told to copy through a shared-memory segment instead.
-    c.write(CONFIG, "[runtime]\nshare_namespaces = false\n", 0o644);
-    let copying = bandwidth(&c, &[("OMPI_MCA_smsc", "^cma")]);
+    let table: String = shared
+        .iter()
+        .zip(&copying)
+        .map(|((n, a), (_, b))| format!("  {n:>9}: {a:>6} {b:>6}\n"))
+        .collect();
     eprintln!(
-        "intra-node bandwidth, MB/s (message bytes: shared container + CMA, per-rank containers):"
+        "intra-node bandwidth, MB/s (message bytes: shared container + CMA, per-rank containers):\n{table}"
     );
-    for ((n, a), (_, b)) in shared.iter().zip(&copying) {
-        eprintln!("  {n:>9}: {a:>6} {b:>6}");
-    }
-    // 256 KiB is past Open MPI's eager limits, so it takes the rendezvous
-    // protocol where CMA's single copy replaces the two copies through the
-    // segment. (Messages of tens of MB are bound by memory bandwidth: on a
-    // 2-core machine the two ranks' pipelined copies can then match or beat
-    // one; README, "One container per node".)
     let (a, b) = (shared[0].1, copying[0].1);
     assert!(
         a > b,
-        "at 256 KiB the shared container's CMA ({a} MB/s) is not above the copying path ({b} MB/s)"
+        "at 256 KiB the shared container's CMA ({a} MB/s) is not above the copying path ({b} MB/s):\n{table}"
     );
 }
