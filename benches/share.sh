@@ -68,14 +68,19 @@ ms() {
     awk '{ printf "%d\n", $1 * 1000 }' <<<"$t"
 }
 # The runtime's processes on the cluster while a step of `sleep` runs
-# (the nodes share one ps; halved for one node): "COUNT RSS_KB".
+# (the nodes share one ps; halved for one node): "COUNT RSS_KB", taken
+# once every task's payload runs, the most of five looks.
 sample() {  # VARIANT TASKS_PER_NODE
-    step "$1" "$2" sleep 4 &
-    local pid=$! best="0 0" k
-    for k in $(seq 1 30); do
-        sleep 0.1
+    step "$1" "$2" sleep 5 &
+    local pid=$! best="0 0" k cur
+    for k in $(seq 1 100); do
+        [[ $(pgrep -c -u mluser -x sleep || true) -ge $((2 * $2)) ]] && break
+        sleep 0.05
+    done
+    for k in 1 2 3 4 5; do
         cur=$(ps -u mluser -o rss=,comm= | awk '$2 ~ /^(squashfuse|starter|appinit|Apptainer|sinit)/ { n++; r += $1 } END { printf "%d %d\n", n / 2, r / 2 }')
         [[ ${cur%% *} -gt ${best%% *} ]] && best=$cur
+        sleep 0.2
     done
     wait $pid
     echo "$best"
@@ -105,7 +110,10 @@ if [[ -f /opt/containers/ml-frameworks/mpi.sqfs ]]; then
         as_user env OMPI_MCA_smsc="$2" srun -w n1 -N1 -n2 --mpi=pmix --ml-container=mpi \
             python3 /home/mluser/mpi_bandwidth.py
     }
-    paste <(bw shared cma) <(bw per-task '^cma') | awk '
+    # One after the other (the site config differs), then side by side.
+    bw shared cma >/tmp/bw.shared
+    bw per-task '^cma' >/tmp/bw.per-task
+    paste /tmp/bw.shared /tmp/bw.per-task | awk '
         BEGIN { printf "\n%10s %18s %18s   (Open MPI, 2 ranks on one node, MB/s)\n", "bytes", "shared + CMA", "per-task, copying" }
         { printf "%10d %18d %18d\n", $2, $3, $6 }'
 fi
