@@ -287,14 +287,14 @@ fn a_hung_probe_costs_at_most_its_timeout() {
 
 /// A memory cgroup of the host's (the cluster's /sys is the host's) with a
 /// limit, that the job's user may move its own tasks into; removed on drop.
-struct MemoryCgroup {
-    dir: std::path::PathBuf,
+pub(crate) struct MemoryCgroup {
+    pub(crate) dir: std::path::PathBuf,
     /// The file whose `oom_kill N` line counts this cgroup's OOM kills.
     events: &'static str,
 }
 
 impl MemoryCgroup {
-    fn new(limit: &str) -> MemoryCgroup {
+    pub(crate) fn new(limit: &str) -> MemoryCgroup {
         let name = format!("mlc-oom-test-{}", std::process::id());
         // Under cgroup v1, inside the test process's own memory cgroup when
         // it can be (so whatever confines this test run also confines the
@@ -358,7 +358,7 @@ impl MemoryCgroup {
     }
 
     /// The OOM kills inside this cgroup so far.
-    fn oom_kills(&self) -> u64 {
+    pub(crate) fn oom_kills(&self) -> u64 {
         let text = std::fs::read_to_string(self.dir.join(self.events)).expect("read OOM events");
         probe::oom_kill_count(&text)
             .unwrap_or_else(|| panic!("no oom_kill line in {}: {text}", self.events))

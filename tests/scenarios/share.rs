@@ -19,6 +19,7 @@ crate::on_apptainer_slurms!(the_tasks_of_a_node_share_one_container_and_leave_no
 crate::on_slurm_24_11!(
     short_tasks_pass_twenty_times_with_their_exit_codes,
     scancel_and_a_killed_task_leave_no_instance_process_or_directory,
+    an_oom_killed_task_leaves_no_instance_process_or_directory,
     concurrent_steps_and_jobs_get_containers_of_their_own,
     mpi_ranks_of_a_node_use_cma_and_beat_the_copying_path,
 );
@@ -323,6 +324,48 @@ fn scancel_and_a_killed_task_leave_no_instance_process_or_directory() {
         log.contains("was still up when the node's tasks had ended (1 counted themselves")
             && log.contains("stopped it as the user"),
         "{log}"
+    );
+    assert_nothing_left(&c);
+}
+
+/// A real OOM kill: rank 1's TaskProlog moves it into a 128 MB memory
+/// cgroup (as in the failure scenarios), and it doubles a string until the
+/// kernel kills it, while rank 0 sleeps on in the shared container.
+fn an_oom_killed_task_leaves_no_instance_process_or_directory() {
+    let cg = crate::scenarios::failure::MemoryCgroup::new("134217728");
+    let procs = cg.dir.join("cgroup.procs");
+    let img = images(&["a1"]);
+    let c = Cluster::start_with(
+        Slurm::V24_11,
+        Options::default()
+            .copy(&img["a1"], "/opt/containers/ml-frameworks/alpha.sif")
+            .task_prolog(&format!(
+                "[ \"$SLURM_PROCID\" = 1 ] && echo $SLURM_TASK_PID > {}",
+                procs.display()
+            )),
+    );
+    let script = "if [ $SLURM_PROCID = 1 ]; then x=0123456789; i=0; \
+                  while [ $i -lt 25 ]; do x=$x$x; i=$((i+1)); done; else sleep 3; fi";
+    let r = c.srun(&[
+        "-w",
+        "n1",
+        "-N1",
+        "-n2",
+        "--ml-container=alpha",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert!(r.stderr.contains("task 1: Killed"), "{r}");
+    assert!(cg.oom_kills() >= 1, "no OOM kill in the test cgroup: {r}");
+    // srun then ends the step (SIGKILL to the other task: its launcher may
+    // not count itself out); either way the container is stopped.
+    let log = c.slurmd_log(1);
+    assert!(
+        log.contains("shared container mlc-1-0: 2 task(s) ran in one container")
+            || log.contains("shared container mlc-1-0 was still up")
+                && log.contains("stopped it as the user"),
+        "{r}\n{log}"
     );
     assert_nothing_left(&c);
 }
