@@ -16,7 +16,10 @@
 //! argv is a plain array of strings (no wrapping of a TOML array into a
 //! table to read it back), and the pin can be kept as raw text inside the
 //! handoff ([`serde_json::value::RawValue`]) so that its own size cap and
-//! field checks ([`Pin::decode`]) apply to exactly its part.
+//! field checks ([`Pin::decode`]) apply to exactly its part. The batch
+//! script's record of the values the plugin exported
+//! ([`crate::distenv::OWNED_ENV`]) uses JSON too: one encoding for every
+//! value the plugin hands itself through the environment.
 //!
 //! **Versioned.** [`VERSION`] is written into every handoff; a node that
 //! finds another version, or text it cannot parse, treats the whole value

@@ -4,7 +4,7 @@
 
 use super::testhost::{serial, Site, TestHost};
 use super::*;
-use crate::distenv::{BATCH_STEP, OWNED_ENV};
+use crate::distenv::{self, BATCH_STEP, OWNED_ENV};
 use crate::handoff::{Handoff, HANDOFF_ENV};
 use crate::launch::{LaunchSpec, LAUNCH_ENV};
 use crate::report;
@@ -402,7 +402,9 @@ fn the_batch_script_only_gets_the_jobs_master() {
     task_init(&mut t).unwrap();
     assert_eq!(t.job_env("MASTER_ADDR"), Some("n3"));
     assert!(t.job_env("MASTER_PORT").is_some());
-    assert!(t.job_env(OWNED_ENV).is_some());
+    let owned = distenv::owned_pairs(t.job_env(OWNED_ENV).unwrap());
+    assert_eq!(owned.len(), 2);
+    assert_eq!(owned[0], ("MASTER_ADDR".to_string(), "n3".to_string()));
     assert!(t.job_env("RANK").is_none());
     assert!(t.argv0_set().is_none() && t.job_env(LAUNCH_ENV).is_none());
 }
