@@ -1,8 +1,9 @@
 //! What runs in srun (`Local`) and in sbatch/salloc (`Allocator`): the
 //! options are checked and the image resolved before any node is used; srun
-//! hands the nodes its pin and its own argv in one value ([`crate::handoff`]). The batch
-//! script's MASTER_ADDR/MASTER_PORT ([`set_batch_env`]) belong here too:
-//! they are sbatch's share of the contract, set in the batch step's task.
+//! hands the nodes its pin and its own argv in one value
+//! ([`crate::handoff`]). The batch script's MASTER_ADDR/MASTER_PORT
+//! ([`set_batch_env`]) belong here too: they are sbatch's share of the
+//! contract, set in the batch step's task.
 #![forbid(unsafe_code)]
 
 use crate::config::SiteConfig;
