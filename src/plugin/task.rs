@@ -112,8 +112,9 @@ pub fn task_post_fork(host: &mut dyn Host) -> Result<(), PluginError> {
 /// each task in it. The image is resolved here, from the catalog this node
 /// reads; srun's pin (in the handoff, from the job environment, which the
 /// user controls) may only confirm it; a handoff the node cannot read fails
-/// the step as a forged one. The user's right to read the image is asked as the
-/// user before root opens it; the hash stops when the job is cancelled.
+/// the step as a forged one. The user's right to read the image is asked
+/// as the user before root opens it; the hash stops when the job is
+/// cancelled.
 fn prepare_on_node(
     host: &dyn Host,
     config: &SiteConfig,
