@@ -102,18 +102,13 @@ seed_options() {
     printf '\x00demo\nFORGED line' >"$1/newline"
 }
 
-# Seed for the pin target: a pin as srun writes it (ML_CONTAINER_PIN).
+# Seeds for the pin target: the handoff as srun writes it
+# (ML_CONTAINER_HANDOFF, src/handoff.rs), with and without a pin.
 seed_pin() {
-    cat >"$1/pin.toml" <<'TOML'
-reference = "pytorch"
-source = "catalog"
-name = "pytorch"
-tag = "2.1"
-path = "/opt/containers/ml-frameworks/pytorch-2.1.sif"
-size = 1114112
-catalog_size = 1114112
-sha256 = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
-TOML
+    cat >"$1/handoff.json" <<'JSON'
+{"version":1,"pin":{"reference":"pytorch","source":"catalog","name":"pytorch","tag":"2.1","path":"/opt/containers/ml-frameworks/pytorch-2.1.sif","size":1114112,"catalog_size":1114112,"sha256":"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"},"srun_argv":["srun","-N2","--ml-container=pytorch","python3","train.py"]}
+JSON
+    printf '{"version":1,"pin":null,"srun_argv":[]}' >"$1/nopin.json"
 }
 
 cd "$here"

@@ -17,8 +17,12 @@ use crate::hostlist::{self, HostlistError};
 /// Slurm's step id of a batch script (SLURM_BATCH_SCRIPT, slurm.h).
 pub const BATCH_STEP: u32 = 0xffff_fffb;
 /// Records which values the plugin itself exported into a batch script, so
-/// the script's steps do not mistake them for the user's.
+/// the script's steps do not mistake them for the user's: a JSON list of
+/// `[name, value]` pairs ([`owned_record`], [`owned_pairs`]), the encoding
+/// of the srun handoff ([`crate::handoff`]).
 pub const OWNED_ENV: &str = "ML_CONTAINER_DIST_SET";
+/// A longer [`OWNED_ENV`] record is not read (it holds two short pairs).
+pub const MAX_OWNED_RECORD: usize = 16 << 10;
 
 /// What one task knows about its place in the step.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -346,8 +350,8 @@ pub fn to_set(
     vars: Vec<(String, String)>,
     get: &dyn Fn(&str) -> Option<String>,
 ) -> Vec<(String, String)> {
-    let owned = get(OWNED_ENV).unwrap_or_default();
-    let ours = |k: &str, v: &str| owned.split(';').any(|kv| kv == format!("{k}={v}"));
+    let owned = get(OWNED_ENV).map(|t| owned_pairs(&t)).unwrap_or_default();
+    let ours = |k: &str, v: &str| owned.iter().any(|(ok, ov)| ok == k && ov == v);
     vars.into_iter()
         .filter(|(k, _)| match get(k) {
             None => true,
@@ -356,12 +360,20 @@ pub fn to_set(
         .collect()
 }
 
-/// The [`OWNED_ENV`] value recording `vars`.
+/// The [`OWNED_ENV`] value recording `vars`: `[["MASTER_ADDR","n1"],...]`.
 pub fn owned_record(vars: &[(String, String)]) -> String {
-    vars.iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(";")
+    // A list of string pairs: serde_json cannot fail on it.
+    serde_json::to_string(vars).unwrap_or_default()
+}
+
+/// The pairs an [`OWNED_ENV`] value records. The environment is the user's:
+/// a record over [`MAX_OWNED_RECORD`] or one that does not parse records
+/// nothing, so every variable in it counts as the user's.
+pub fn owned_pairs(text: &str) -> Vec<(String, String)> {
+    if text.len() > MAX_OWNED_RECORD {
+        return Vec::new();
+    }
+    serde_json::from_str(text).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -516,12 +528,37 @@ mod tests {
         let e = env(&[
             ("MASTER_PORT", "1234"),
             ("MASTER_ADDR", "n1"),
-            (OWNED_ENV, "MASTER_ADDR=n1;MASTER_PORT=29999"),
+            (
+                OWNED_ENV,
+                r#"[["MASTER_ADDR","n1"],["MASTER_PORT","29999"]]"#,
+            ),
         ]);
-        let set = to_set(vars, &|k| e.get(k).cloned());
+        let set = to_set(vars.clone(), &|k| e.get(k).cloned());
         let names: Vec<&str> = set.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(names, ["MASTER_ADDR", "RANK"]);
-        assert_eq!(owned_record(&set[..1]), "MASTER_ADDR=n1");
+        assert_eq!(owned_record(&set[..1]), r#"[["MASTER_ADDR","n1"]]"#);
+        // What the plugin records, it reads back: values with `;`, `=` and
+        // quotes included.
+        let odd = vec![("A".to_string(), "x=1;B=\"2\"".to_string())];
+        assert_eq!(owned_pairs(&owned_record(&odd)), odd);
+        // A garbage, oversized or old-style record owns nothing: the
+        // user's MASTER_ADDR stays.
+        let long = owned_record(&[("MASTER_ADDR".into(), "n1".into())])
+            .replace("[[", &format!("[{}[", " ".repeat(MAX_OWNED_RECORD)));
+        for record in [
+            "MASTER_ADDR=n1",
+            "garbage",
+            "",
+            "{\"MASTER_ADDR\":\"n1\"}",
+            "[[\"MASTER_ADDR\"]]",
+            "[[\"MASTER_ADDR\",\"n1\",\"x\"]]",
+            long.as_str(),
+        ] {
+            let e = env(&[("MASTER_ADDR", "n1"), (OWNED_ENV, record)]);
+            let set = to_set(vars.clone(), &|k| e.get(k).cloned());
+            let names: Vec<&str> = set.iter().map(|(k, _)| k.as_str()).collect();
+            assert_eq!(names, ["MASTER_PORT", "RANK"], "{record:?}");
+        }
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod catalog_index;
 pub mod catalog_write;
 pub mod config;
 pub mod distenv;
+pub mod handoff;
 pub mod hostlist;
 pub mod integrity;
 pub mod jobtext;

@@ -35,7 +35,6 @@ mod tests;
 
 pub use exit::task_exit;
 pub use host::{Context, Host, HostError};
-pub use srun::ARGV_ENV;
 pub use task::{task_init, task_post_fork};
 
 /// Why a callback fails the job. `Display` is the one line the user sees.

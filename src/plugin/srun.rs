@@ -1,16 +1,18 @@
 //! What runs in srun (`Local`) and in sbatch/salloc (`Allocator`): the
 //! options are checked and the image resolved before any node is used; srun
-//! pins the image for the nodes and records its own argv. The batch
-//! script's MASTER_ADDR/MASTER_PORT ([`set_batch_env`]) belong here too:
-//! they are sbatch's share of the contract, set in the batch step's task.
+//! hands the nodes its pin and its own argv in one value
+//! ([`crate::handoff`]). The batch script's MASTER_ADDR/MASTER_PORT
+//! ([`set_batch_env`]) belong here too: they are sbatch's share of the
+//! contract, set in the batch step's task.
 #![forbid(unsafe_code)]
 
 use crate::config::SiteConfig;
 use crate::distenv::{self, DistError};
+use crate::handoff::{Handoff, HANDOFF_ENV};
 use crate::integrity;
 use crate::launch;
 use crate::options::UserOptions;
-use crate::registry::{Opened, Registry, RegistryError, PIN_ENV};
+use crate::registry::{Opened, Pin, Registry, RegistryError};
 
 use super::{Context, Host, PluginError};
 
@@ -27,20 +29,19 @@ pub(super) fn init_post_opt(
     let image = options.image.clone().ok_or(PluginError::NoImage)?;
     log::debug!("options: {}", options.summary());
     launch::check_user_binds(&config, &options.mounts)?;
+    let pin = resolve_in_srun(&config, &image)?;
     if ctx == Context::Local {
-        record_srun_argv(host);
+        // One value for the nodes, replacing whatever the environment held.
+        let handoff = Handoff::new(pin, own_argv());
+        host.set_local_env(HANDOFF_ENV, Some(&handoff.encode()?));
     }
-    resolve_in_srun(host, &config, &image, ctx == Context::Local)
+    Ok(())
 }
 
-/// srun (pin = true) or sbatch/salloc (check only): resolve where the
-/// registry is readable, so a bad image fails before any node is used.
-fn resolve_in_srun(
-    host: &mut dyn Host,
-    config: &SiteConfig,
-    image: &str,
-    pin: bool,
-) -> Result<(), PluginError> {
+/// srun or sbatch/salloc: resolve where the registry is readable, so a bad
+/// image fails before any node is used. The pin, or `None` when the
+/// registry is not readable here (the nodes resolve alone).
+fn resolve_in_srun(config: &SiteConfig, image: &str) -> Result<Option<Pin>, PluginError> {
     let registry = match Registry::open(&config.registry) {
         Ok(r) => r,
         Err(RegistryError::Unavailable { root, source }) => {
@@ -48,10 +49,7 @@ fn resolve_in_srun(
                 "registry {} not readable here ({source}); the nodes resolve '{image}'",
                 root.display()
             );
-            if pin {
-                host.set_local_env(PIN_ENV, None);
-            }
-            return Ok(());
+            return Ok(None);
         }
         Err(e) => return Err(e.into()),
     };
@@ -66,37 +64,21 @@ fn resolve_in_srun(
         resolved.path.display(),
         resolved.size
     );
-    if pin {
-        host.set_local_env(PIN_ENV, Some(&resolved.encode()));
-    }
-    Ok(())
+    Ok(Some(resolved))
 }
 
 /// srun's own argv, so the nodes can tell which command the user typed
-/// (srun replaces a bare command name with the host path it found).
-pub const ARGV_ENV: &str = "ML_CONTAINER_SRUN_ARGV";
-/// Longer argv records are not kept (the lookup then keeps srun's path).
-const MAX_ARGV_RECORD: usize = 64 << 10;
-
-fn record_srun_argv(host: &mut dyn Host) {
-    let record = std::fs::read("/proc/self/cmdline").ok().and_then(|raw| {
-        let argv: Vec<String> = raw
-            .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let text =
-            toml::Value::Array(argv.into_iter().map(toml::Value::String).collect()).to_string();
-        (text.len() <= MAX_ARGV_RECORD).then_some(text)
-    });
-    host.set_local_env(ARGV_ENV, record.as_deref());
-}
-
-pub(super) fn recorded_srun_argv(host: &dyn Host) -> Vec<String> {
-    host.getenv(ARGV_ENV)
-        .and_then(|t| toml::from_str::<toml::Table>(&format!("a = {t}")).ok())
-        .and_then(|mut t| t.remove("a"))
-        .and_then(|v| v.try_into::<Vec<String>>().ok())
+/// (srun replaces a bare command name with the host path it found). Empty
+/// when it cannot be read; [`Handoff::new`] drops one over its caps (the
+/// lookup then keeps srun's path).
+fn own_argv() -> Vec<String> {
+    std::fs::read("/proc/self/cmdline")
+        .map(|raw| {
+            raw.split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 

@@ -11,14 +11,15 @@ use std::path::Path;
 use crate::capture::{self, StepDir};
 use crate::config::{RuntimeKind, SiteConfig};
 use crate::distenv::{self, TaskFacts, BATCH_STEP};
+use crate::handoff::{Handoff, HANDOFF_ENV};
 use crate::integrity::{self, Verified};
 use crate::launch::{self, Plan};
 use crate::options::UserOptions;
 use crate::probe;
-use crate::registry::{self, Opened, Pin, Registry, UserCheck, PIN_ENV};
+use crate::registry::{self, Opened, Pin, Registry, UserCheck};
 use crate::secure;
 
-use super::srun::{recorded_srun_argv, set_batch_env};
+use super::srun::set_batch_env;
 use super::{fault_injection, hostname, now_ms, state, Host, PluginError, State};
 
 /// Step ids from here up are Slurm's pseudo steps (SLURM_BATCH_SCRIPT
@@ -83,6 +84,15 @@ fn make_step_dir(host: &dyn Host, step: u32) -> Option<StepDir> {
     }
 }
 
+/// srun's own argv from the handoff; empty when there is none, or the
+/// handoff is refused (slurmstepd then already failed the step).
+fn srun_argv(host: &dyn Host) -> Vec<String> {
+    host.getenv(HANDOFF_ENV)
+        .and_then(|text| Handoff::decode(&text).ok())
+        .map(|h| h.srun_argv)
+        .unwrap_or_default()
+}
+
 /// `slurm_spank_task_post_fork`, in slurmstepd (root) after each task is
 /// forked: its start time for the report.
 pub fn task_post_fork(host: &mut dyn Host) -> Result<(), PluginError> {
@@ -100,9 +110,11 @@ pub fn task_post_fork(host: &mut dyn Host) -> Result<(), PluginError> {
 
 /// On a node, as root: the image this step runs, verified, and how to run
 /// each task in it. The image is resolved here, from the catalog this node
-/// reads; srun's pin (the job environment, which the user controls) may
-/// only confirm it. The user's right to read the image is asked as the
-/// user before root opens it; the hash stops when the job is cancelled.
+/// reads; srun's pin (in the handoff, from the job environment, which the
+/// user controls) may only confirm it; a handoff the node cannot read fails
+/// the step as a forged one. The user's right to read the image is asked
+/// as the user before root opens it; the hash stops when the job is
+/// cancelled.
 fn prepare_on_node(
     host: &dyn Host,
     config: &SiteConfig,
@@ -116,8 +128,10 @@ fn prepare_on_node(
         may_read: &may_read,
     };
     let opened = registry.resolve_open(image, Some(&check))?;
-    if let Some(text) = host.getenv(PIN_ENV) {
-        opened.pin.confirms(&Pin::decode(&text)?)?;
+    if let Some(text) = host.getenv(HANDOFF_ENV) {
+        if let Some(srun) = Handoff::decode(&text)?.pin {
+            opened.pin.confirms(&srun)?;
+        }
     }
     let Opened { pin, file, meta } = opened;
     // The node cache copies from this very descriptor (pread: the offset
@@ -364,7 +378,7 @@ pub fn task_init(host: &mut dyn Host) -> Result<(), PluginError> {
     // The command: a bare name the user typed is looked up in the image.
     let task_argv = host.job_argv().unwrap_or_default();
     let resolved = task_argv.first().cloned().unwrap_or_default();
-    let typed = launch::typed_command(&recorded_srun_argv(host), &task_argv);
+    let typed = launch::typed_command(&srun_argv(host), &task_argv);
     let bare = launch::container_argv0(typed.as_deref(), &resolved);
     let job = host.job_id().unwrap_or(0);
     let step = host.step_id().unwrap_or(0);

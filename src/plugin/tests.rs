@@ -4,9 +4,9 @@
 
 use super::testhost::{serial, Site, TestHost};
 use super::*;
-use crate::distenv::{BATCH_STEP, OWNED_ENV};
+use crate::distenv::{self, BATCH_STEP, OWNED_ENV};
+use crate::handoff::{Handoff, HANDOFF_ENV};
 use crate::launch::{LaunchSpec, LAUNCH_ENV};
-use crate::registry::{Pin, PIN_ENV};
 use crate::report;
 
 /// A site config that does not parse (line 2), and its plugstack args.
@@ -96,7 +96,7 @@ fn without_the_image_option_srun_does_nothing() {
     // Another option alone asks for the plugin, and needs an image.
     let (h, r) = srun(Context::Local, &site, &[(OptionId::Gpus, "on")]);
     assert!(matches!(r, Err(PluginError::NoImage)), "{r:?}");
-    assert_eq!(h.local_env(PIN_ENV), None);
+    assert_eq!(h.local_env(HANDOFF_ENV), None);
 }
 
 #[test]
@@ -105,7 +105,8 @@ fn srun_pins_a_good_image_and_records_its_argv() {
     let site = Site::new("pin");
     let (h, r) = srun(Context::Local, &site, &[(OptionId::Image, "demo")]);
     r.unwrap();
-    let pin = Pin::decode(h.local_env(PIN_ENV).flatten().unwrap()).unwrap();
+    let handoff = Handoff::decode(h.local_env(HANDOFF_ENV).flatten().unwrap()).unwrap();
+    let pin = handoff.pin.unwrap();
     assert_eq!(pin.path, site.image());
     assert_eq!(
         (pin.name.as_deref(), pin.tag.as_deref()),
@@ -118,8 +119,7 @@ fn srun_pins_a_good_image_and_records_its_argv() {
         .filter(|a| !a.is_empty())
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
-    assert!(h.local_env(ARGV_ENV).flatten().is_some());
-    assert_eq!(srun::recorded_srun_argv(&h), own);
+    assert_eq!(handoff.srun_argv, own);
     // sbatch checks the image but pins nothing and records nothing.
     let (h, r) = srun(Context::Allocator, &site, &[(OptionId::Image, "demo:1")]);
     r.unwrap();
@@ -135,7 +135,7 @@ fn srun_refuses_an_unknown_image_or_a_denied_bind() {
     assert!(matches!(e, PluginError::Registry(_)), "{e:?}");
     let e = e.to_string();
     assert!(e.starts_with("unknown image 'demoo'; closest: demo"), "{e}");
-    assert_eq!(h.local_env(PIN_ENV), None);
+    assert_eq!(h.local_env(HANDOFF_ENV), None);
     // In the catalog, but its file is missing: fails here, not on a node.
     let (_, r) = srun(Context::Allocator, &site, &[(OptionId::Image, "gone")]);
     let e = r.unwrap_err().to_string();
@@ -159,13 +159,60 @@ fn srun_leaves_resolution_to_the_nodes_when_it_cannot_read_the_registry() {
     let site = Site::new("noreg");
     std::fs::rename(site.path("containers"), site.path("elsewhere")).unwrap();
     let mut h = TestHost::new(Context::Local);
-    // A pin left in srun's environment (by the user) is removed.
-    h.env.insert(PIN_ENV.to_string(), "forged".to_string());
+    // A handoff left in srun's environment (by the user) is replaced by
+    // one without a pin.
+    h.env.insert(HANDOFF_ENV.to_string(), "forged".to_string());
     init(&mut h, &site.args).unwrap();
     on_option(OptionId::Image as i32, Some("demo"), false).unwrap();
     init_post_opt(&mut h).unwrap();
-    assert_eq!(h.local_env(PIN_ENV), Some(None));
-    assert!(h.getenv(PIN_ENV).is_none());
+    let handoff = Handoff::decode(&h.getenv(HANDOFF_ENV).unwrap()).unwrap();
+    assert_eq!(handoff.pin, None);
+    assert!(!handoff.srun_argv.is_empty());
+}
+
+/// slurmstepd given `handoff` in the job environment: what the task says.
+fn stepd_with_handoff(site: &Site, handoff: &str) -> Result<(), PluginError> {
+    let mut h = TestHost::new(Context::Remote);
+    h.env.insert(HANDOFF_ENV.to_string(), handoff.to_string());
+    init(&mut h, &site.args).unwrap();
+    on_option(OptionId::Image as i32, Some("demo"), true).unwrap();
+    on_option(OptionId::Dist as i32, Some("off"), true).unwrap();
+    init_post_opt(&mut h).unwrap();
+    let mut t = TestHost::task(0, 0, 1, &["/bin/true"]);
+    let r = task_init(&mut t);
+    if r.is_err() {
+        assert!(t.argv0_set().is_none());
+    }
+    r
+}
+
+#[test]
+fn a_node_believes_no_handoff_it_cannot_read() {
+    let _g = serial();
+    let site = Site::new("handoff");
+    // srun's own handoff confirms what the node resolves.
+    let (h, r) = srun(Context::Local, &site, &[(OptionId::Image, "demo")]);
+    r.unwrap();
+    let good = h.local_env(HANDOFF_ENV).flatten().unwrap().to_string();
+    stepd_with_handoff(&site, &good).unwrap();
+    // Garbage, another version, an unknown field, a forged pin: the step
+    // fails as for a forged pin, echoing nothing.
+    let mut pin = Handoff::decode(&good).unwrap().pin.unwrap();
+    pin.name = Some("demo\nFAKE".to_string());
+    let forged = Handoff::new(Some(pin), Vec::new()).encode().unwrap();
+    for text in [
+        "forged".to_string(),
+        good.replace("\"version\":1", "\"version\":2"),
+        good.replace("\"version\":1", "\"version\":1,\"extra\":1"),
+        forged,
+    ] {
+        let e = stepd_with_handoff(&site, &text).unwrap_err().to_string();
+        assert!(
+            e.contains("is invalid (") && e.ends_with("do not set ML_CONTAINER_HANDOFF yourself"),
+            "{e}"
+        );
+        assert!(!e.contains("FAKE") && !e.contains("extra"), "{e}");
+    }
 }
 
 #[test]
@@ -243,9 +290,10 @@ fn a_task_becomes_the_launcher_of_its_image() {
     let mut t = TestHost::task(1, 1, 2, &["/usr/bin/python3", "train.py"]);
     step_env(&mut t);
     // srun's argv: the user typed `python3`, srun resolved it on the host.
+    let argv = ["srun", "-n2", "python3", "train.py"].map(String::from);
     t.env.insert(
-        ARGV_ENV.to_string(),
-        "[\"srun\", \"-n2\", \"python3\", \"train.py\"]".to_string(),
+        HANDOFF_ENV.to_string(),
+        Handoff::new(None, argv.to_vec()).encode().unwrap(),
     );
     t.env.insert("MASTER_PORT".to_string(), "1234".to_string());
     task_init(&mut t).unwrap();
@@ -354,7 +402,9 @@ fn the_batch_script_only_gets_the_jobs_master() {
     task_init(&mut t).unwrap();
     assert_eq!(t.job_env("MASTER_ADDR"), Some("n3"));
     assert!(t.job_env("MASTER_PORT").is_some());
-    assert!(t.job_env(OWNED_ENV).is_some());
+    let owned = distenv::owned_pairs(t.job_env(OWNED_ENV).unwrap());
+    assert_eq!(owned.len(), 2);
+    assert_eq!(owned[0], ("MASTER_ADDR".to_string(), "n3".to_string()));
     assert!(t.job_env("RANK").is_none());
     assert!(t.argv0_set().is_none() && t.job_env(LAUNCH_ENV).is_none());
 }

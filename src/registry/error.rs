@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use crate::catalog::{self, CatalogError};
 use crate::secure::TrustError;
 
-use super::{escaped, PIN_ENV};
+use super::escaped;
+use crate::handoff::HANDOFF_ENV;
 
 #[derive(Debug)]
 pub enum RegistryError {
@@ -59,8 +60,16 @@ pub enum RegistryError {
         path: PathBuf,
         what: &'static str,
     },
+    /// The handoff (or the pin in it) from the job environment is refused;
+    /// `reason` names what is wrong, never a value from it.
     BadPin {
         reason: String,
+    },
+    /// In srun: the resolved image's path is not UTF-8, so it cannot be
+    /// handed to the nodes (which refuse such a pin).
+    Unsendable {
+        reference: String,
+        path: PathBuf,
     },
     /// On a node: the job's user cannot read the image (asked as the user,
     /// before root opens it).
@@ -155,10 +164,17 @@ impl fmt::Display for RegistryError {
                 escaped(reference),
                 escaped(&path.to_string_lossy())
             ),
+            RegistryError::Unsendable { reference, path } => write!(
+                f,
+                "image '{}': its path {} is not UTF-8, so srun cannot hand it to the nodes; \
+                 ask the admins to rename it",
+                escaped(reference),
+                escaped(&path.to_string_lossy())
+            ),
             RegistryError::BadPin { reason } => write!(
                 f,
-                "the image choice srun passed in {PIN_ENV} is invalid ({reason}); do not set \
-                 {PIN_ENV} yourself"
+                "the image choice srun passed in {HANDOFF_ENV} is invalid ({reason}); do not set \
+                 {HANDOFF_ENV} yourself"
             ),
             RegistryError::UserCannotRead { path, user, source } => write!(
                 f,

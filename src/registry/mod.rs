@@ -8,7 +8,8 @@
 //! else is an error that lists the closest names.
 //!
 //! srun resolves once and sends the result to the nodes as a [`Pin`] (path,
-//! size, sha256) in the job environment. The job environment is the
+//! size, sha256) inside the handoff ([`crate::handoff`]) in the job
+//! environment. The job environment is the
 //! user's, so a node never believes a pin: it resolves the image again from
 //! the catalog it reads itself, and the pin may only confirm that srun and
 //! the node agree ([`Pin::confirms`]); when they do not (the catalog was
@@ -47,15 +48,13 @@ pub use text::{edit_distance, escaped, normalize};
 
 use open::{read_trusted, trusted_uids};
 
-/// The job environment variable that carries srun's resolution to the nodes.
-pub const PIN_ENV: &str = "ML_CONTAINER_PIN";
 /// Image files: SIF for Apptainer/Singularity, plain squashfs for
 /// Charliecloud's ch-run.
 pub const IMAGE_SUFFIXES: &[&str] = &[".sif", ".sqfs"];
 /// How many close names an "unknown image" error lists.
 pub const SUGGESTIONS: usize = 5;
-/// The largest pin text a node parses: a pin is a few hundred bytes; the
-/// job environment is the user's and may hold anything.
+/// The largest pin text (inside the handoff) a node parses: a pin is a few
+/// hundred bytes; the job environment is the user's and may hold anything.
 pub const MAX_PIN_BYTES: usize = 16 << 10;
 /// Caps on the pin's fields, checked before any use.
 pub const MAX_PIN_PATH: usize = 4096;

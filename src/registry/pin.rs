@@ -1,7 +1,7 @@
-//! The pin: a resolved image as srun sends it to the nodes in the job
-//! environment ([`super::PIN_ENV`]). A node never believes it: it resolves
-//! again from its own catalog and the pin may only confirm
-//! ([`Pin::confirms`]).
+//! The pin: a resolved image as srun sends it to the nodes inside the
+//! handoff ([`crate::handoff`], in the job environment). A node never
+//! believes it: it resolves again from its own catalog and the pin may only
+//! confirm ([`Pin::confirms`]).
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -25,6 +25,7 @@ pub enum Source {
 
 /// A resolved image, also what srun pins for the nodes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Pin {
     /// What the user typed.
     pub reference: String,
@@ -45,52 +46,61 @@ pub struct Pin {
 }
 
 impl Pin {
-    /// The pin as an environment value (TOML text; Slurm carries any bytes
-    /// but NUL, and a value with newlines is fine).
-    pub fn encode(&self) -> String {
-        toml::to_string(self).unwrap_or_default()
+    /// Parses a pin as it appears in the handoff (JSON, [`crate::handoff`])
+    /// from the job environment, which the user controls: the text is
+    /// capped before parsing, unknown fields are refused and every field is
+    /// checked ([`Pin::check`]) before anything uses it; no part of a
+    /// refused pin is echoed (a reason names the field, never its value).
+    pub fn decode(text: &str) -> Result<Pin, RegistryError> {
+        if text.len() > MAX_PIN_BYTES {
+            return Err(bad_pin("too long"));
+        }
+        let pin: Pin = serde_json::from_str(text).map_err(|_| bad_pin("not a pin"))?;
+        pin.check()?;
+        Ok(pin)
     }
 
-    /// Parses a pin from the job environment, which the user controls: the
-    /// text and every field are checked against caps and character rules
-    /// before anything uses them, and no part of a refused pin is echoed
-    /// (a reason names the field, never its value).
-    pub fn decode(text: &str) -> Result<Pin, RegistryError> {
-        let bad = |reason: &str| RegistryError::BadPin {
-            reason: reason.to_string(),
-        };
-        if text.len() > MAX_PIN_BYTES {
-            return Err(bad("too long"));
-        }
-        let pin: Pin = toml::from_str(text).map_err(|_| bad("not a pin"))?;
-        let path = pin.path.to_str().ok_or_else(|| bad("path is not UTF-8"))?;
+    /// The checks a pin from the job environment passes before any use:
+    /// an absolute printable path, a printable reference without spaces,
+    /// each within its cap, a catalog-valid name and tag, a sha256 of 64
+    /// lowercase hex digits.
+    pub fn check(&self) -> Result<(), RegistryError> {
+        let path = self
+            .path
+            .to_str()
+            .ok_or_else(|| bad_pin("path is not UTF-8"))?;
         if !path.starts_with('/') || path.len() > MAX_PIN_PATH || has_control(path) {
-            return Err(bad("path must be absolute, printable, at most 4096 bytes"));
+            return Err(bad_pin(
+                "path must be absolute, printable, at most 4096 bytes",
+            ));
         }
-        if pin.reference.is_empty()
-            || pin.reference.len() > MAX_PIN_REFERENCE
-            || pin
+        if self.reference.is_empty()
+            || self.reference.len() > MAX_PIN_REFERENCE
+            || self
                 .reference
                 .chars()
                 .any(|c| c.is_whitespace() || c.is_control())
         {
-            return Err(bad(
+            return Err(bad_pin(
                 "reference must be printable, without spaces, at most 1024 bytes",
             ));
         }
-        if pin.name.as_deref().is_some_and(|n| !catalog::valid_name(n))
-            || pin.tag.as_deref().is_some_and(|t| !catalog::valid_tag(t))
+        if self
+            .name
+            .as_deref()
+            .is_some_and(|n| !catalog::valid_name(n))
+            || self.tag.as_deref().is_some_and(|t| !catalog::valid_tag(t))
         {
-            return Err(bad("name or tag is not a catalog name"));
+            return Err(bad_pin("name or tag is not a catalog name"));
         }
-        if pin
+        if self
             .sha256
             .as_deref()
             .is_some_and(|h| !catalog::is_sha256_hex(h))
         {
-            return Err(bad("sha256 must be 64 lowercase hex digits"));
+            return Err(bad_pin("sha256 must be 64 lowercase hex digits"));
         }
-        Ok(pin)
+        Ok(())
     }
 
     /// On a node: does srun's pin (`srun`) name exactly what this node
@@ -127,12 +137,24 @@ impl Pin {
     }
 }
 
+/// A refused pin: `reason` names the field, never its value.
+fn bad_pin(reason: &str) -> RegistryError {
+    RegistryError::BadPin {
+        reason: reason.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::fs;
 
     use super::*;
     use crate::registry::tests::{fixture, CATALOG};
+
+    /// The pin as srun writes it inside the handoff.
+    fn json(pin: &Pin) -> String {
+        serde_json::to_string(pin).unwrap()
+    }
     use crate::registry::Registry;
 
     /// The node resolves itself; srun's pin only confirms (docs/DESIGN.md,
@@ -142,7 +164,7 @@ mod tests {
         let f = fixture(CATALOG);
         let r = Registry::open(&f.cfg).unwrap();
         let srun = r.resolve("pytorch:2.1").unwrap();
-        let back = Pin::decode(&srun.encode()).unwrap();
+        let back = Pin::decode(&json(&srun)).unwrap();
         assert_eq!(
             back,
             Pin {
@@ -213,7 +235,7 @@ mod tests {
             sha256: Some("0".repeat(64)),
             mode: None,
         };
-        Pin::decode(&good.encode()).unwrap();
+        Pin::decode(&json(&good)).unwrap();
         let refused = [
             Pin {
                 name: Some("tiny:1.0\nfake log line".into()),
@@ -253,14 +275,15 @@ mod tests {
             },
         ];
         for pin in refused {
-            let text = pin.encode();
-            let e = Pin::decode(&text).unwrap_err().to_string();
-            assert!(e.contains("do not set ML_CONTAINER_PIN"), "{e}");
+            assert!(pin.check().is_err(), "{pin:?}");
+            let e = Pin::decode(&json(&pin)).unwrap_err().to_string();
+            assert!(e.contains("do not set ML_CONTAINER_HANDOFF"), "{e}");
             // The reason never echoes a value from the pin.
             assert!(!e.contains("fake") && !e.contains("xxxx"), "{e}");
             assert!(e.len() < 300, "{e}");
         }
-        assert!(Pin::decode("path = 3").is_err());
+        assert!(Pin::decode("{\"path\": 3}").is_err());
+        assert!(Pin::decode(&json(&good).replace("{", "{\"mode\":1,")).is_err());
         assert!(Pin::decode(&" ".repeat(MAX_PIN_BYTES + 1)).is_err());
     }
 }

@@ -205,11 +205,12 @@ fn a_fifo_swapped_in_for_an_image_never_blocks_a_node() {
     );
 }
 
-/// `ML_CONTAINER_PIN` and Slurm's option variable set by hand in the
-/// job environment: srun sees no option and leaves the pin alone, so the
-/// nodes get the forged pin. It used to run a withdrawn image (still under
-/// the registry root, but in no catalog entry and no search directory)
-/// under a catalog name, hash it, and put the forged name into the logs.
+/// `ML_CONTAINER_HANDOFF` (srun's pin and argv for the nodes) and Slurm's
+/// option variable set by hand in the job environment: srun sees no option
+/// and leaves the handoff alone, so the nodes get the forged pin. It used
+/// to run a withdrawn image (still under the registry root, but in no
+/// catalog entry and no search directory) under a catalog name, hash it,
+/// and put the forged name into the logs.
 fn a_forged_pin_is_never_believed() {
     let img = images(&["tiny", "withdrawn"]);
     let tiny_sum = slurm_ml_container::integrity::sha256_file(&img["tiny"]).unwrap();
@@ -234,22 +235,24 @@ fn a_forged_pin_is_never_believed() {
             )
             .file(CONFIG, "[registry]\nverify = \"full\"\n"),
     );
-    let pin = |name: &str| {
+    let handoff = |version: u32, name: &str| {
         format!(
-            "reference = \"tiny\"\nsource = \"catalog\"\nname = \"{name}\"\ntag = \"1.0\"\n\
-             path = \"/opt/containers/withdrawn/old.sif\"\nsize = {withdrawn_size}\n\
-             sha256 = \"{withdrawn_sum}\"\n"
+            "{{\"version\":{version},\"pin\":{{\"reference\":\"tiny\",\"source\":\"catalog\",\
+             \"name\":\"{name}\",\"tag\":\"1.0\",\
+             \"path\":\"/opt/containers/withdrawn/old.sif\",\"size\":{withdrawn_size},\
+             \"catalog_size\":null,\"sha256\":\"{withdrawn_sum}\"}},\"srun_argv\":[]}}"
         )
     };
     let huge = "x".repeat(120_000);
-    for name in [
-        "tiny".to_string(),
-        "tiny\\nFORGED-LINE error: all is well".to_string(),
-        huge.clone(),
+    for forged in [
+        handoff(1, "tiny"),
+        handoff(1, "tiny\\nFORGED-LINE error: all is well"),
+        handoff(1, &huge),
+        handoff(2, "tiny"),
+        "FORGED garbage".to_string(),
     ] {
-        let forged = pin(&name);
         let r = c.srun_env(
-            &[("ML_CONTAINER_PIN", &forged), (OPTION_ENV, "tiny")],
+            &[("ML_CONTAINER_HANDOFF", &forged), (OPTION_ENV, "tiny")],
             &["-N2", "/bin/cat", "/MARKER"],
         );
         r.assert_failed();
@@ -259,7 +262,8 @@ fn a_forged_pin_is_never_believed() {
         );
         assert!(
             r.stderr.contains("changed after srun chose it")
-                || r.stderr.contains("do not set ML_CONTAINER_PIN yourself"),
+                || r.stderr
+                    .contains("do not set ML_CONTAINER_HANDOFF yourself"),
             "{r}"
         );
         assert!(
