@@ -42,8 +42,10 @@ use serde_json::value::RawValue;
 
 use crate::registry::{Pin, RegistryError};
 
-/// The job environment variable that carries the handoff to the nodes.
-pub const HANDOFF_ENV: &str = "ML_CONTAINER_HANDOFF";
+/// The job environment variable that carries the handoff to the nodes
+/// (defined beside the pin, whose refusal message names it, so that the
+/// registry needs nothing from this module).
+pub use crate::registry::HANDOFF_ENV;
 /// The handoff version this build writes and reads.
 pub const VERSION: u32 = 1;
 /// The largest handoff text a node parses (a pin is a few hundred bytes,

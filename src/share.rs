@@ -47,9 +47,6 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow};
 use serde::{Deserialize, Serialize};
 
-use crate::config::RuntimeKind;
-use crate::launch::Plan;
-
 /// The state file in the step directory (the user's; root reads it only
 /// through [`crate::capture::read_user_file`]).
 pub const STATE_FILE: &str = "share.json";
@@ -94,52 +91,6 @@ pub struct Share {
 }
 
 impl Share {
-    /// The shared container for `plan`, or None where the runtime has no
-    /// instances we rely on (Charliecloud; Singularity is not tested).
-    pub fn for_plan(plan: &Plan, dir: &Path, instance: &str, tasks: u32) -> Option<Share> {
-        if plan.kind != RuntimeKind::Apptainer || tasks < 2 {
-            return None;
-        }
-        let s = |p: &Path| p.to_string_lossy().into_owned();
-        let mut head = vec![s(&plan.runtime)];
-        if plan.quiet {
-            head.push("--quiet".into());
-        }
-        let mut start = head.clone();
-        start.extend(["instance".into(), "start".into()]);
-        if plan.nv {
-            start.push("--nv".into());
-        }
-        if plan.writable_tmpfs {
-            start.push("--writable-tmpfs".into());
-        }
-        for b in &plan.binds {
-            start.push("--bind".into());
-            start.push(crate::launch::bind_arg(b, true));
-        }
-        start.extend(plan.extra_args.iter().cloned());
-        start.push(s(&plan.image));
-        start.push(instance.to_string());
-        let mut exec = head.clone();
-        exec.push("exec".into());
-        if let Some(w) = &plan.workdir {
-            exec.push("--pwd".into());
-            exec.push(s(w));
-        }
-        exec.extend(plan.extra_args.iter().cloned());
-        exec.push(format!("instance://{instance}"));
-        let mut stop = head;
-        stop.extend(["instance".into(), "stop".into(), instance.to_string()]);
-        Some(Share {
-            dir: dir.to_path_buf(),
-            instance: instance.to_string(),
-            start,
-            exec,
-            stop,
-            tasks,
-        })
-    }
-
     /// The value of [`CONFIGDIR_ENV`] for every runtime call.
     pub fn config_dir(&self) -> PathBuf {
         self.dir.join(CONFIG_SUBDIR)

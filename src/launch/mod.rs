@@ -17,14 +17,15 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{GpuPolicy, RuntimeKind, SiteConfig};
 use crate::options::{self, Mount, UserOptions};
+use crate::share::Share;
 
 pub mod checks;
 pub mod spec;
 
 pub use checks::{check_as_user, is_executable, CheckError};
 pub use spec::{
-    command_alternatives, container_argv0, failure_notice, missing_command_hint, typed_command,
-    Ended, LaunchSpec, StderrCapture, TaskLabel, LAUNCH_ENV,
+    command_alternatives, container_argv0, failure_notice, missing_command_hint, signal_name,
+    typed_command, Ended, LaunchSpec, StderrCapture, TaskLabel, LAUNCH_ENV,
 };
 
 /// Everything needed to build the runtime prefix for every task of a step.
@@ -246,6 +247,54 @@ pub fn wants_nv(cfg: &SiteConfig, opts: &UserOptions, has_gpus: bool) -> bool {
 }
 
 impl Plan {
+    /// The step's shared container on a node (src/share.rs) for `tasks`
+    /// local tasks, or None where the runtime has no
+    /// instances we rely on (Charliecloud; Singularity is not tested).
+    pub fn shared(&self, dir: &Path, instance: &str, tasks: u32) -> Option<Share> {
+        let plan = self;
+        if plan.kind != RuntimeKind::Apptainer || tasks < 2 {
+            return None;
+        }
+        let s = |p: &Path| p.to_string_lossy().into_owned();
+        let mut head = vec![s(&plan.runtime)];
+        if plan.quiet {
+            head.push("--quiet".into());
+        }
+        let mut start = head.clone();
+        start.extend(["instance".into(), "start".into()]);
+        if plan.nv {
+            start.push("--nv".into());
+        }
+        if plan.writable_tmpfs {
+            start.push("--writable-tmpfs".into());
+        }
+        for b in &plan.binds {
+            start.push("--bind".into());
+            start.push(bind_arg(b, true));
+        }
+        start.extend(plan.extra_args.iter().cloned());
+        start.push(s(&plan.image));
+        start.push(instance.to_string());
+        let mut exec = head.clone();
+        exec.push("exec".into());
+        if let Some(w) = &plan.workdir {
+            exec.push("--pwd".into());
+            exec.push(s(w));
+        }
+        exec.extend(plan.extra_args.iter().cloned());
+        exec.push(format!("instance://{instance}"));
+        let mut stop = head;
+        stop.extend(["instance".into(), "stop".into(), instance.to_string()]);
+        Some(Share {
+            dir: dir.to_path_buf(),
+            instance: instance.to_string(),
+            start,
+            exec,
+            stop,
+            tasks,
+        })
+    }
+
     /// The argv that goes in front of the task's command.
     pub fn prefix(&self) -> Vec<String> {
         let s = |p: &Path| p.to_string_lossy().into_owned();

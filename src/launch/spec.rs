@@ -79,6 +79,28 @@ pub enum Ended {
     Signal(i32),
 }
 
+/// The name of a signal a task may end by, for people ("SIGSEGV").
+pub fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGXCPU => "SIGXCPU",
+        _ => "signal",
+    }
+}
+
 /// The one line a failed task prints on its own stderr, so the user learns
 /// that a report exists (srun only says "Exited with exit code N"). None
 /// for success, and for the signals Slurm sends to every task of a step
@@ -93,7 +115,7 @@ pub fn failure_notice(label: &TaskLabel, ended: Ended) -> Option<String> {
             return None
         }
         Ended::Code(c) => format!("exited with code {c}"),
-        Ended::Signal(s) => format!("was killed by {}", crate::report::signal_name(s)),
+        Ended::Signal(s) => format!("was killed by {}", signal_name(s)),
     };
     Some(format!(
         "ml-container: job {} step {} rank {} (image {}) {how} on {}; the failure report: \
@@ -178,18 +200,18 @@ mod tests {
                 file: "/run/slurm-ml-container/6.0.n1/stderr.1".into(),
                 bytes: 65536,
             }),
-            share: crate::share::Share::for_plan(
-                &crate::launch::Plan {
-                    kind: crate::config::RuntimeKind::Apptainer,
-                    runtime: "/usr/bin/apptainer".into(),
-                    image: "/img.sif".into(),
-                    nv: false,
-                    binds: Vec::new(),
-                    workdir: None,
-                    writable_tmpfs: false,
-                    extra_args: Vec::new(),
-                    quiet: true,
-                },
+            share: crate::launch::Plan {
+                kind: crate::config::RuntimeKind::Apptainer,
+                runtime: "/usr/bin/apptainer".into(),
+                image: "/img.sif".into(),
+                nv: false,
+                binds: Vec::new(),
+                workdir: None,
+                writable_tmpfs: false,
+                extra_args: Vec::new(),
+                quiet: true,
+            }
+            .shared(
                 std::path::Path::new("/run/slurm-ml-container/6.0.n1"),
                 "mlc-6-0",
                 2,

@@ -387,8 +387,7 @@ pub fn task_init(host: &mut dyn Host) -> Result<(), PluginError> {
         .as_ref()
         .filter(|_| config.runtime.share_namespaces)
         .and_then(|d| {
-            crate::share::Share::for_plan(
-                &plan,
+            plan.shared(
                 &d.path,
                 &crate::share::instance_name(job, step),
                 host.local_task_count().unwrap_or(1),

@@ -10,7 +10,7 @@ use crate::catalog::{self, CatalogError};
 use crate::secure::TrustError;
 
 use super::escaped;
-use crate::handoff::HANDOFF_ENV;
+use super::pin::HANDOFF_ENV;
 
 #[derive(Debug)]
 pub enum RegistryError {

@@ -43,7 +43,7 @@ use crate::config::{RegistryConfig, VerifyLevel};
 
 pub use error::RegistryError;
 pub use open::{load_catalog, Opened, UserCheck};
-pub use pin::{Pin, Source};
+pub use pin::{Pin, Source, HANDOFF_ENV};
 pub use text::{edit_distance, escaped, normalize};
 
 use open::{read_trusted, trusted_uids};

@@ -13,6 +13,10 @@ use crate::catalog;
 use super::text::has_control;
 use super::{RegistryError, MAX_PIN_BYTES, MAX_PIN_PATH, MAX_PIN_REFERENCE};
 
+/// The job environment variable in which srun hands the nodes the pin (and
+/// the rest of [`crate::handoff::Handoff`]).
+pub const HANDOFF_ENV: &str = "ML_CONTAINER_HANDOFF";
+
 /// How a reference was resolved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

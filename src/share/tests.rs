@@ -1,6 +1,8 @@
 //! Unit tests of `share.rs`.
 
 use super::*;
+use crate::config::RuntimeKind;
+use crate::launch::Plan;
 use crate::options::Mount;
 
 fn plan(kind: RuntimeKind) -> Plan {
@@ -24,7 +26,9 @@ fn plan(kind: RuntimeKind) -> Plan {
 #[test]
 fn the_instance_gets_the_mounts_and_each_exec_the_workdir() {
     let dir = Path::new("/run/slurm-ml-container/5.0.n1");
-    let s = Share::for_plan(&plan(RuntimeKind::Apptainer), dir, "mlc-5-0", 4).unwrap();
+    let s = plan(RuntimeKind::Apptainer)
+        .shared(dir, "mlc-5-0", 4)
+        .unwrap();
     assert_eq!(
         s.start.join(" "),
         "/usr/bin/apptainer --quiet instance start --nv --writable-tmpfs --bind /data:/d:ro \
@@ -45,9 +49,11 @@ fn the_instance_gets_the_mounts_and_each_exec_the_workdir() {
 #[test]
 fn one_task_charliecloud_and_singularity_run_alone() {
     let dir = Path::new("/x");
-    assert!(Share::for_plan(&plan(RuntimeKind::Apptainer), dir, "n", 1).is_none());
-    assert!(Share::for_plan(&plan(RuntimeKind::Charliecloud), dir, "n", 4).is_none());
-    assert!(Share::for_plan(&plan(RuntimeKind::Singularity), dir, "n", 4).is_none());
+    assert!(plan(RuntimeKind::Apptainer).shared(dir, "n", 1).is_none());
+    assert!(plan(RuntimeKind::Charliecloud)
+        .shared(dir, "n", 4)
+        .is_none());
+    assert!(plan(RuntimeKind::Singularity).shared(dir, "n", 4).is_none());
 }
 
 /// A stand-in runtime: a script that records its calls and, for
@@ -78,7 +84,7 @@ fn fake(dir: &Path, fail_start: bool) -> Share {
         extra_args: Vec::new(),
         ..plan(RuntimeKind::Apptainer)
     };
-    Share::for_plan(&p, dir, "mlc-1-2", 3).unwrap()
+    p.shared(dir, "mlc-1-2", 3).unwrap()
 }
 
 fn calls(dir: &Path) -> Vec<String> {
