@@ -751,3 +751,37 @@ fn cache_fill_list_check_prune_on_a_node() {
         text(&o)
     );
 }
+
+#[test]
+fn config_prints_what_it_loaded_refuses_a_bad_key_and_version_names_the_slurm() {
+    let e = env("[runtime]\nshare_namespaces = false\nquiet = false\n");
+    let o = cli(&e, &["config"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // What it prints is the configuration as loaded: it parses back, with
+    // the file's values over the defaults.
+    let printed: SiteConfig = toml::from_str(&String::from_utf8_lossy(&o.stdout)).unwrap();
+    assert!(!printed.runtime.share_namespaces && !printed.runtime.quiet);
+    assert_eq!(printed.registry.root.as_path(), root(&e));
+    assert_eq!(printed.failure, SiteConfig::default().failure);
+
+    let bad = env("[runtime]\nshare_namespace = false\n");
+    let o = cli(&bad, &["config"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("ml-container.toml:4: key 'runtime.share_namespace'"),
+        "{}",
+        text(&o)
+    );
+
+    let o = cli(&e, &["version"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        format!(
+            "ml-container {} (built for Slurm {})",
+            env!("CARGO_PKG_VERSION"),
+            slurm_ml_container::spank::BUILT_FOR_SLURM
+        )
+    );
+}
