@@ -30,7 +30,7 @@ mod wait;
 pub use cluster::{assert_contract_beats_rank999, read_matching, Cluster, Options};
 pub use images::{images, mpi_image, sqfs_image, REGISTRY};
 pub use run::{Background, Run};
-pub use slurm::{build_deb, cli, Slurm};
+pub use slurm::{build_deb, cli, plugin, Slurm};
 pub use wait::wait_for;
 
 use std::fs;

@@ -14,6 +14,43 @@ crate::on_every_slurm!(
     valgrind_finds_no_error_in_the_plugin,
 );
 
+/// The plugin exports exactly the SPANK symbols it implements (Slurm calls
+/// whatever it finds: a stray `slurm_spank_job_prolog` would run in slurmd)
+/// and the three plugin_* symbols Slurm requires, on every release's build.
+#[test]
+fn the_plugin_exports_only_its_callbacks() {
+    for slurm in [Slurm::V22_05, Slurm::V24_11, Slurm::V26_05] {
+        let so = harness::plugin(slurm, false);
+        let out = std::process::Command::new("nm")
+            .args(["-D", "--defined-only"])
+            .arg(&so)
+            .output()
+            .expect("run nm (binutils)");
+        assert!(out.status.success(), "nm {}", so.display());
+        let mut exported: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(2).map(str::to_string))
+            .filter(|s| s.starts_with("slurm_spank_") || s.starts_with("plugin_"))
+            .collect();
+        exported.sort();
+        assert_eq!(
+            exported,
+            [
+                "plugin_name",
+                "plugin_type",
+                "plugin_version",
+                "slurm_spank_init",
+                "slurm_spank_init_post_opt",
+                "slurm_spank_task_exit",
+                "slurm_spank_task_init",
+                "slurm_spank_task_post_fork",
+            ],
+            "{}",
+            slurm.name()
+        );
+    }
+}
+
 fn help_lists_every_option(slurm: Slurm) {
     let c = Cluster::start(slurm);
     let help = c.srun(&["--help"]);
