@@ -154,6 +154,24 @@ fn the_tasks_of_a_node_share_one_container_and_leave_nothing(slurm: Slurm) {
     }
     assert_nothing_left(&c);
 
+    // --ml-container-writable-tmpfs: one writable overlay per shared
+    // container, so what one task writes into the image's tree the other
+    // tasks of its node see (each waits, at most 10 s, for both files).
+    let r = c.srun(&[
+        "-w",
+        "n1",
+        "-N1",
+        "-n2",
+        "--ml-container=alpha",
+        "--ml-container-writable-tmpfs",
+        "sh",
+        "-c",
+        "touch /made-by-$RANK; i=0; while set -- /made-by-*; [ $# -lt 2 ] && [ $i -lt 100 ]; \
+         do sleep 0.1; i=$((i+1)); done; echo $#",
+    ]);
+    assert_eq!(r.assert_ok().stdout, "2\n2\n", "{r}");
+    assert_nothing_left(&c);
+
     // Switched off: one container per task, as before.
     c.write(CONFIG, "[runtime]\nshare_namespaces = false\n", 0o644);
     let step = c.spawn_srun(&[
