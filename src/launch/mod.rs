@@ -251,39 +251,23 @@ impl Plan {
     /// local tasks, or None where the runtime has no
     /// instances we rely on (Charliecloud; Singularity is not tested).
     pub fn shared(&self, dir: &Path, instance: &str, tasks: u32) -> Option<Share> {
-        let plan = self;
-        if plan.kind != RuntimeKind::Apptainer || tasks < 2 {
+        if self.kind != RuntimeKind::Apptainer || tasks < 2 {
             return None;
         }
-        let s = |p: &Path| p.to_string_lossy().into_owned();
-        let mut head = vec![s(&plan.runtime)];
-        if plan.quiet {
-            head.push("--quiet".into());
-        }
-        let mut start = head.clone();
+        // The container's mounts go to `instance start`; each task's
+        // working directory to its own `exec`.
+        let mut start = self.apptainer_head();
         start.extend(["instance".into(), "start".into()]);
-        if plan.nv {
-            start.push("--nv".into());
-        }
-        if plan.writable_tmpfs {
-            start.push("--writable-tmpfs".into());
-        }
-        for b in &plan.binds {
-            start.push("--bind".into());
-            start.push(bind_arg(b, true));
-        }
-        start.extend(plan.extra_args.iter().cloned());
-        start.push(s(&plan.image));
+        self.push_apptainer_mounts(&mut start);
+        start.extend(self.extra_args.iter().cloned());
+        start.push(self.image.to_string_lossy().into_owned());
         start.push(instance.to_string());
-        let mut exec = head.clone();
+        let mut exec = self.apptainer_head();
         exec.push("exec".into());
-        if let Some(w) = &plan.workdir {
-            exec.push("--pwd".into());
-            exec.push(s(w));
-        }
-        exec.extend(plan.extra_args.iter().cloned());
+        self.push_apptainer_workdir(&mut exec);
+        exec.extend(self.extra_args.iter().cloned());
         exec.push(format!("instance://{instance}"));
-        let mut stop = head;
+        let mut stop = self.apptainer_head();
         stop.extend(["instance".into(), "stop".into(), instance.to_string()]);
         Some(Share {
             dir: dir.to_path_buf(),
@@ -295,35 +279,52 @@ impl Plan {
         })
     }
 
+    /// Apptainer's and Singularity's runtime and global options (`--quiet`
+    /// goes before the subcommand).
+    fn apptainer_head(&self) -> Vec<String> {
+        let mut argv = vec![self.runtime.to_string_lossy().into_owned()];
+        if self.quiet {
+            argv.push("--quiet".into());
+        }
+        argv
+    }
+
+    /// What the container is made of: `--nv`, `--writable-tmpfs`, binds.
+    fn push_apptainer_mounts(&self, argv: &mut Vec<String>) {
+        if self.nv {
+            argv.push("--nv".into());
+        }
+        if self.writable_tmpfs {
+            argv.push("--writable-tmpfs".into());
+        }
+        for b in &self.binds {
+            argv.push("--bind".into());
+            argv.push(bind_arg(b, true));
+        }
+    }
+
+    fn push_apptainer_workdir(&self, argv: &mut Vec<String>) {
+        if let Some(w) = &self.workdir {
+            argv.push("--pwd".into());
+            argv.push(w.to_string_lossy().into_owned());
+        }
+    }
+
     /// The argv that goes in front of the task's command.
     pub fn prefix(&self) -> Vec<String> {
         let s = |p: &Path| p.to_string_lossy().into_owned();
-        let mut argv = vec![s(&self.runtime)];
         match self.kind {
             RuntimeKind::Apptainer | RuntimeKind::Singularity => {
-                // A global option: it goes before the subcommand.
-                if self.quiet {
-                    argv.push("--quiet".into());
-                }
+                let mut argv = self.apptainer_head();
                 argv.push("exec".into());
-                if self.nv {
-                    argv.push("--nv".into());
-                }
-                if self.writable_tmpfs {
-                    argv.push("--writable-tmpfs".into());
-                }
-                for b in &self.binds {
-                    argv.push("--bind".into());
-                    argv.push(bind_arg(b, true));
-                }
-                if let Some(w) = &self.workdir {
-                    argv.push("--pwd".into());
-                    argv.push(s(w));
-                }
+                self.push_apptainer_mounts(&mut argv);
+                self.push_apptainer_workdir(&mut argv);
                 argv.extend(self.extra_args.iter().cloned());
                 argv.push(s(&self.image));
+                argv
             }
             RuntimeKind::Charliecloud => {
+                let mut argv = vec![s(&self.runtime)];
                 for b in &self.binds {
                     argv.push("-b".into());
                     argv.push(bind_arg(b, false));
@@ -338,9 +339,9 @@ impl Plan {
                 argv.extend(self.extra_args.iter().cloned());
                 argv.push(s(&self.image));
                 argv.push("--".into());
+                argv
             }
         }
-        argv
     }
 }
 
