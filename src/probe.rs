@@ -350,6 +350,27 @@ pub fn gpus(timeout: Duration) -> CommandProbe {
     }
 }
 
+/// Waits for `child` at most `limit`, then kills it. The exit status, or
+/// None when it was killed (or could not be waited for). Every bounded
+/// wait for a child of ours that need not tell those apart goes here.
+pub fn wait_limited(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return Some(s),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

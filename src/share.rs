@@ -41,7 +41,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow};
@@ -233,23 +233,6 @@ pub fn command(share: &Share, argv: &[String]) -> Command {
     cmd
 }
 
-/// Waits for `child` at most `limit`, then kills it. The exit status, or
-/// None when it was killed.
-fn wait_limited(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
-        match child.try_wait() {
-            Ok(Some(s)) => return Some(s),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-        }
-    }
-}
-
 /// Signals held (blocked) from the moment `instance start` runs until its
 /// outcome is saved: Slurm's SIGTERM (scancel) then cannot end the
 /// launcher between an instance coming up and its record, which would
@@ -312,7 +295,7 @@ fn run_bounded(
         }
         out
     });
-    let status = wait_limited(&mut child, limit);
+    let status = crate::probe::wait_limited(&mut child, limit);
     let text = reader.join().unwrap_or_default();
     let r = match status {
         Some(s) if s.success() => Ok(()),
@@ -445,7 +428,7 @@ pub fn stop_as_user(
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", setpriv.display()))?;
-    match wait_limited(&mut child, STOP_LIMIT) {
+    match crate::probe::wait_limited(&mut child, STOP_LIMIT) {
         Some(s) if s.success() => Ok(()),
         Some(s) => Err(format!("instance stop {s}")),
         None => Err(format!(

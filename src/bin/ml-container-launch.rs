@@ -376,18 +376,7 @@ fn probe_command(spec: &LaunchSpec, image: &str) -> Option<String> {
 /// [`PROBE_LIMIT`] (then it is killed).
 fn wait_bounded(child: &mut Child) -> Option<Vec<u8>> {
     use std::io::Read;
-    let deadline = Instant::now() + PROBE_LIMIT;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-        }
-    }
+    slurm_ml_container::probe::wait_limited(child, PROBE_LIMIT)?;
     let mut out = Vec::new();
     child
         .stdout
