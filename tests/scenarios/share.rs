@@ -106,8 +106,9 @@ fn assert_nothing_left(c: &Cluster) {
     );
 }
 
-fn the_tasks_of_a_node_share_one_container_and_leave_nothing(slurm: Slurm) {
-    let c = cluster(slurm);
+/// A step of [`NS_SCRIPT`] on 2 nodes x 2 tasks, succeeded; and the
+/// squashfuse processes seen while it ran, once at least `at_least`.
+fn namespaces_step(c: &Cluster, at_least: usize) -> (Option<usize>, crate::harness::Run) {
     let step = c.spawn_srun(&[
         "-N2",
         "--ntasks-per-node=2",
@@ -116,13 +117,19 @@ fn the_tasks_of_a_node_share_one_container_and_leave_nothing(slurm: Slurm) {
         "-c",
         NS_SCRIPT,
     ]);
-    // While the step runs: one image mount per node.
     let mounts = wait_for(Duration::from_secs(30), || {
-        let n = squashfuses(&c);
-        (n >= 2).then_some(n)
+        let n = squashfuses(c);
+        (n >= at_least).then_some(n)
     });
     let r = step.wait();
     r.assert_ok();
+    (mounts, r)
+}
+
+fn the_tasks_of_a_node_share_one_container_and_leave_nothing(slurm: Slurm) {
+    let c = cluster(slurm);
+    // While the step runs: one image mount per node.
+    let (mounts, r) = namespaces_step(&c, 2);
     assert_eq!(
         mounts,
         Some(2),
@@ -174,20 +181,7 @@ fn the_tasks_of_a_node_share_one_container_and_leave_nothing(slurm: Slurm) {
 
     // Switched off: one container per task, as before.
     c.write(CONFIG, "[runtime]\nshare_namespaces = false\n", 0o644);
-    let step = c.spawn_srun(&[
-        "-N2",
-        "--ntasks-per-node=2",
-        "--ml-container=alpha",
-        "sh",
-        "-c",
-        NS_SCRIPT,
-    ]);
-    let mounts = wait_for(Duration::from_secs(30), || {
-        let n = squashfuses(&c);
-        (n >= 4).then_some(n)
-    });
-    let r = step.wait();
-    r.assert_ok();
+    let (mounts, r) = namespaces_step(&c, 4);
     assert_eq!(mounts, Some(4), "{r}");
     for (node, tasks) in namespaces(&r.stdout) {
         assert_ne!(tasks[0][3], tasks[1][3], "user namespace on {node}: {r}");
